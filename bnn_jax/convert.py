@@ -1,0 +1,135 @@
+"""PyTorch state dicts (the original implementation, torchvision) -> Flax variables.
+
+The Flax tree mirrors the PyTorch module paths (``layer1.0.conv1``), so the
+mapping is derived from the model itself: walk the Flax variables, name the
+PyTorch key of each leaf, and transpose kernels (OIHW -> HWIO, (out, in) ->
+(in, out)). Nothing is listed per architecture.
+
+    python -m bnn_jax.convert --config configs/irnet_r18.py \
+        --torch-checkpoint irnet_r18.pth --out /tmp/irnet_r18_converted
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+
+from bnn_jax.errors import ConfigError
+
+# Flax leaf name -> PyTorch parameter / buffer name
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+class StateDictMismatch(ConfigError):
+  """A state dict that does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+  def __init__(self, missing, unexpected, misshaped):
+    self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+    parts = []
+    if missing:
+      parts.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+      parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if misshaped:
+      parts.append("mis-shaped keys: " + ", ".join(
+          f"{k} (checkpoint {got}, model expects {want})" for k, got, want in misshaped))
+    super().__init__("state dict does not fit the model; " + "; ".join(parts))
+
+
+def load_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads a ``.pth`` (torch, ``weights_only=True``) or ``.npz`` state dict as numpy arrays.
+
+  Accepts mmcv checkpoints (``{"state_dict": ...}``), DDP's ``module.`` prefix
+  and parity fixtures (``state_dict/<key>`` entries of an ``.npz``).
+  """
+  if path.endswith(".npz"):
+    with np.load(path) as data:
+      entries = {k: data[k] for k in data.files}
+    prefixed = {k[len("state_dict/"):]: v for k, v in entries.items() if k.startswith("state_dict/")}
+    state = prefixed or entries
+  else:
+    try:
+      import torch
+    except ImportError:
+      raise ConfigError(f"reading {path} needs PyTorch (pip install torch); "
+                        ".npz state dicts need nothing more") from None
+    # A checkpoint is untrusted input: tensors and plain containers only, no arbitrary unpickling.
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+      loaded = loaded["state_dict"]
+    state = {k: v.detach().float().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
+  return {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in state.items()}
+
+
+def torch_key(path: Tuple[str, ...], torchvision: bool = False) -> str:
+  """The PyTorch key of a Flax leaf path such as ('backbone', 'layer1.0', 'conv1', 'kernel')."""
+  *modules, leaf = path
+  if torchvision:  # torchvision's ResNet has no backbone/head wrappers
+    modules = ["fc"] if modules == ["head", "fc"] else [m for m in modules if m != "backbone"]
+  return ".".join([*modules, _LEAF_NAMES.get(leaf, leaf)])
+
+
+def _to_flax_layout(value: np.ndarray, leaf: str, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+  if leaf == "kernel" and value.ndim == 4:
+    value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  elif leaf == "kernel" and value.ndim == 2:
+    value = value.T  # (out, in) -> (in, out)
+  elif value.size == int(np.prod(shape)):
+    value = value.reshape(shape)  # (1, C, 1, 1) -> (C,) and friends
+  return value if value.shape == tuple(shape) else None
+
+
+def _torch_shape(leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  if leaf == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if leaf == "kernel" and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def is_torchvision(state_dict: Mapping[str, Any]) -> bool:
+  """True for torchvision's ResNet keys (``fc.weight``), false for mmcls' (``backbone.…``)."""
+  return "fc.weight" in state_dict and not any(k.startswith("backbone.") for k in state_dict)
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any],
+                  allow_missing: bool = False) -> Dict[str, Any]:
+  """Converts ``state_dict`` into variables shaped like ``template`` (e.g. ``jax.eval_shape(model.init, …)``).
+
+  Raises :class:`StateDictMismatch` naming every missing (unless ``allow_missing``),
+  unexpected and mis-shaped key.
+  """
+  torchvision = is_torchvision(state_dict)
+  used, missing, misshaped = set(), [], []
+
+  def convert(path, leaf_template):
+    names = tuple(p.key for p in path)
+    key = torch_key(names[1:], torchvision)
+    if key not in state_dict:
+      missing.append(key)
+      return None
+    used.add(key)
+    value = _to_flax_layout(np.asarray(state_dict[key], np.float32), names[-1], leaf_template.shape)
+    if value is None:
+      misshaped.append((key, tuple(np.shape(state_dict[key])),
+                        _torch_shape(names[-1], leaf_template.shape)))
+    return value
+
+  variables = jax.tree_util.tree_map_with_path(convert, dict(template))
+  unexpected = sorted(k for k in state_dict
+                      if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+  if misshaped or unexpected or (missing and not allow_missing):
+    raise StateDictMismatch(sorted(missing), unexpected, misshaped)
+  return variables
+
+
+def model_config_from_original(original: Mapping[str, Any]) -> Dict[str, Any]:
+  """Our model config from the original's (mmcls backbone kwargs + neck + num_classes).
+
+  The backbone options keep their names; ``neck`` is ``gap_bn`` or absent (plain GAP).
+  """
+  config = {k: v for k, v in original.items() if k not in ("ede", "style", "out_indices", "num_stages")}
+  config["neck"] = original.get("neck") or "gap"
+  return config

@@ -1,0 +1,49 @@
+"""Models: ``build_model(config.model)`` turns a model config into a Flax Classifier."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from bnn_jax.errors import ConfigError
+from bnn_jax.models.backbones import BACKBONES, MOBILE_ARCHS, RES_ARCHS, MobileArch, ResArch
+from bnn_jax.models.classifier import NECKS, Classifier
+
+__all__ = ["build_model", "Classifier", "ResArch", "MobileArch", "RES_ARCHS", "MOBILE_ARCHS"]
+
+_CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
+
+
+def _as_tuples(value: Any) -> Any:
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+def build_model(config: Mapping[str, Any]) -> Classifier:
+  """Builds the classifier a model config describes.
+
+  Keys: ``backbone`` (ResArch | MobileArch), ``num_classes``, ``neck``
+  (gap | gap_bn), ``dtype`` (the compute dtype), and the backbone's own fields
+  (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``, …).
+  """
+  options = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  backbone_name = options.pop("backbone", "ResArch")
+  if backbone_name not in BACKBONES:
+    raise ConfigError(f"unknown backbone {backbone_name!r}; valid: {sorted(BACKBONES)}")
+  if "num_classes" not in options:
+    raise ConfigError("model config needs num_classes")
+  num_classes = options.pop("num_classes")
+  neck = options.pop("neck", "gap")
+  if neck not in NECKS:
+    raise ConfigError(f"unknown neck {neck!r}; valid: {list(NECKS)}")
+  dtype = jnp.dtype(options.pop("dtype", "float32"))
+  backbone_cls = BACKBONES[backbone_name]
+  fields = {f.name for f in dataclasses.fields(backbone_cls)} - {"parent", "name", "dtype"}
+  unknown = sorted(set(options) - fields)
+  if unknown:
+    raise ConfigError(f"unknown model option(s) {unknown} for {backbone_name}; valid: "
+                      f"{sorted(fields | set(_CLASSIFIER_KEYS))}")
+  backbone = backbone_cls(**{k: _as_tuples(v) for k, v in options.items()}, dtype=dtype)
+  return Classifier(backbone=backbone, num_classes=num_classes, neck=neck, dtype=dtype)

@@ -1,0 +1,53 @@
+"""Classifier = backbone → neck → linear head, the original's ImageClassifier."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bnn_jax.binarize import EDE
+from bnn_jax.layers import batch_norm
+
+NECKS = ("gap", "gap_bn")
+
+
+class Neck(nn.Module):
+  """Global average pooling, followed by BatchNorm1d for IR-Net's ``gap_bn``."""
+  kind: str = "gap"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = jnp.mean(x, axis=(1, 2))
+    if self.kind == "gap_bn":
+      x = batch_norm(train, "bn", self.dtype)(x)
+    return x
+
+
+class Head(nn.Module):
+  """mmcls' LinearClsHead: one Dense layer named ``fc`` (init N(0, 0.01), as mmcls)."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    kernel_init=nn.initializers.normal(0.01), name="fc")(x)
+
+
+class Classifier(nn.Module):
+  """``apply(variables, images, train=..., ede=...)`` → float32 logits.
+
+  ``ede`` is IR-Net's (k, t); other methods ignore it.
+  """
+  backbone: nn.Module
+  num_classes: int
+  neck: str = "gap"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
+    x = self.backbone(images.astype(self.dtype), train=train, ede=ede)
+    x = Neck(self.neck, self.dtype, name="neck")(x, train=train)
+    return Head(self.num_classes, self.dtype, name="head")(x).astype(jnp.float32)

@@ -1,0 +1,104 @@
+"""Numerical parity with the original PyTorch implementation, on its recorded fixtures.
+
+A fixture (``<name>.npz`` + ``<name>.json``, format in shared/reference/README.md)
+holds a model's randomised state dict, an input batch, and the original's eval
+logits, train-mode logits, loss, gradients and BatchNorm running statistics.
+:func:`check_fixture` rebuilds the model from the JSON, converts the state
+dict, recomputes all of them here and reports the norm-wise relative errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bnn_jax.binarize import EDE
+from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax
+from bnn_jax.models import build_model
+
+OUTPUT_RTOL = 1e-4  # logits, loss, running means
+GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-6  # ||Δ|| <= rtol·||g_ref|| + atol, per gradient tensor
+
+
+def relative_error(value, reference) -> float:
+  """||value − reference|| / ||reference|| (norm-wise)."""
+  value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+  return float(np.linalg.norm(value - reference) / max(np.linalg.norm(reference), 1e-30))
+
+
+@dataclasses.dataclass
+class ParityReport:
+  outputs: Dict[str, float]  # relative errors of logits_eval, logits_train, loss, running means
+  grads: List[Tuple[str, float, float]]  # (torch key, ||Δ||, ||g_ref||), worst first
+
+  def grad_ok(self, delta: float, ref: float) -> bool:
+    return delta <= GRAD_RTOL * ref + GRAD_ATOL
+
+  @property
+  def passed(self) -> bool:
+    return (all(err <= OUTPUT_RTOL for err in self.outputs.values())
+            and all(self.grad_ok(d, r) for _, d, r in self.grads))
+
+  def lines(self) -> List[str]:
+    out = [f"{name:<24} rel err {err:.2e}  {'ok' if err <= OUTPUT_RTOL else 'FAIL'}"
+           for name, err in self.outputs.items()]
+    worst_key, worst_delta, worst_ref = self.grads[0]
+    failing = [k for k, d, r in self.grads if not self.grad_ok(d, r)]
+    out.append(f"{'gradients':<24} {len(self.grads)} tensors, worst {worst_key}: "
+               f"||Δ|| {worst_delta:.2e} vs ||g_ref|| {worst_ref:.2e}  "
+               f"{'ok' if not failing else 'FAIL: ' + ', '.join(failing)}")
+    return out
+
+
+def check_fixture(npz_path: str) -> ParityReport:
+  """Recomputes a fixture's outputs and gradients here and compares them with the original's."""
+  original = json.load(open(npz_path[:-len(".npz")] + ".json"))
+  with np.load(npz_path) as data:
+    fixture = {k: data[k] for k in data.files}
+  model = build_model(model_config_from_original(original))
+  images = jnp.asarray(fixture["input_nchw"].transpose(0, 2, 3, 1))
+  labels = jnp.asarray(fixture["labels"])
+  ede = EDE(jnp.float32(original["ede"]["k"]), jnp.float32(original["ede"]["t"])) if (
+      "ede" in original) else EDE.initial()
+
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+  state_dict = {k[len("state_dict/"):]: v for k, v in fixture.items() if k.startswith("state_dict/")}
+  variables = torch_to_flax(state_dict, template)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+
+  def train_loss(params):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                  train=True, ede=ede, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits_train, new_stats)), grads = jax.jit(
+      jax.value_and_grad(train_loss, has_aux=True))(params)
+  logits_eval = jax.jit(lambda v: model.apply(v, images, train=False, ede=ede))(variables)
+
+  outputs = {
+      "logits_eval": relative_error(logits_eval, fixture["logits_eval"]),
+      "logits_train": relative_error(logits_train, fixture["logits_train"]),
+      "loss": relative_error(loss, fixture["loss_train"]),
+  }
+  means = [(torch_key(tuple(p.key for p in path)), v) for path, v in
+           jax.tree_util.tree_flatten_with_path(new_stats)[0] if path[-1].key == "mean"]
+  if means:
+    ours = np.concatenate([np.ravel(v) for _, v in means])
+    ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k, _ in means])
+    outputs["running_mean_after_step"] = relative_error(ours, ref)
+
+  grad_ref = torch_to_flax({k[len("grad/"):]: v for k, v in fixture.items() if k.startswith("grad/")},
+                           {"params": template["params"]})["params"]
+  rows = []
+  for (path, ours), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                               jax.tree_util.tree_leaves(grad_ref)):
+    delta = float(np.linalg.norm(np.asarray(ours, np.float64) - ref))
+    rows.append((torch_key(tuple(p.key for p in path)), delta, float(np.linalg.norm(ref))))
+  rows.sort(key=lambda row: row[1] / (GRAD_RTOL * row[2] + GRAD_ATOL), reverse=True)
+  return ParityReport(outputs, rows)
