@@ -1,0 +1,85 @@
+"""BinaryConv's binary_type switches, the learnable pieces, and EDE without recompiles."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnn_jax.binarize import EDE, sign
+from bnn_jax.layers import AttentionScale, BinaryConv, LearnableScale, avg_pool_ceil
+from bnn_jax.models import blocks
+
+X = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _apply(act, weight):
+  conv = BinaryConv(5, activation_binarizer=act, weight_binarizer=weight)
+  variables = conv.init(jax.random.key(1), X)
+  return conv.apply(variables, X), variables["params"]["kernel"]
+
+
+def test_binary_type_switches_each_half():
+  out, w = _apply(None, None)
+  np.testing.assert_allclose(out, _conv(X, w), rtol=1e-5)
+  out, w = _apply("approx_sign", None)  # step 1: binary activations, real weights
+  np.testing.assert_allclose(out, _conv(sign(X), w), rtol=1e-5)
+  out, w = _apply(None, "scaled_ste_sign")
+  alpha = jnp.abs(w).mean((0, 1, 2))
+  np.testing.assert_allclose(out, _conv(X, sign(w) * alpha), rtol=1e-5)
+  out, w = _apply("approx_sign", "scaled_ste_sign")  # step 2: both binary
+  np.testing.assert_allclose(out, _conv(sign(X), sign(w) * alpha), rtol=1e-5)
+
+
+def test_block_binary_type_selects_binarizers():
+  assert blocks.ReActNetBlockA(8, binary_type=(True, False)).conv_binarizers() == ("approx_sign", None)
+  assert blocks.IRNetBlock(8).conv_binarizers() == ("ede_sign", "irnet_weight")
+  assert blocks.IRNetBlock(8, binary_type=(False, True)).conv_binarizers() == (None, "irnet_weight")
+  assert blocks.RealToBinaryFPBlock(8, binary_type=(False, False)).conv_binarizers() == ("tanh", None)
+  custom = blocks.BiRealNetBlock(8, binarizers=("ste_sign", "scaled_ste_sign"))
+  assert custom.conv_binarizers() == ("ste_sign", "scaled_ste_sign")
+
+
+def test_changing_ede_between_jitted_calls_does_not_recompile():
+  conv = BinaryConv(5, activation_binarizer="ede_sign", weight_binarizer="irnet_weight")
+  variables = conv.init(jax.random.key(1), X)
+  traces = []
+
+  @jax.jit
+  def loss_and_grad(params, ede):
+    traces.append(1)
+    return jax.grad(lambda p: conv.apply({"params": p}, X, ede).sum())(params)
+
+  grads = [loss_and_grad(variables["params"], EDE(jnp.float32(k), jnp.float32(t)))
+           for k, t in [(10.0, 0.1), (5.0, 0.2), (1.0, 3.0), (1.0, 10.0)]]
+  assert len(traces) == 1
+  assert loss_and_grad._cache_size() == 1
+  # …and the new values do reach the backward pass.
+  assert not np.allclose(grads[0]["kernel"], grads[-1]["kernel"])
+
+
+def test_learnable_scale_takes_feature_map_size_at_init():
+  x = jnp.ones((1, 7, 5, 3))
+  params = LearnableScale().init(jax.random.key(0), x)["params"]
+  assert (params["alpha"].shape, params["beta"].shape, params["gamma"].shape) == ((3,), (7,), (5,))
+  scaled = LearnableScale().apply({"params": {"alpha": jnp.array([1., 2., 3.]),
+                                              "beta": jnp.arange(7.), "gamma": jnp.ones(5)}}, x)
+  np.testing.assert_allclose(scaled[0, 4, 2], [4.0, 8.0, 12.0])
+
+
+def test_attention_scale_gates_with_sigmoid_of_two_dense_layers():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+  module = AttentionScale()
+  params = module.init(jax.random.key(1), x)["params"]
+  assert params["fc1"]["kernel"].shape == (16, 2) and params["fc2"]["kernel"].shape == (2, 16)
+  gate = jax.nn.sigmoid(jax.nn.relu(x.mean((1, 2)) @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+                        @ params["fc2"]["kernel"] + params["fc2"]["bias"])
+  np.testing.assert_allclose(module.apply({"params": params}, x), x * gate[:, None, None], rtol=1e-5)
+
+
+def test_avg_pool_ceil_mode_averages_partial_windows_over_valid_cells():
+  x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+  out = avg_pool_ceil(x, 2)[0, :, :, 0]
+  np.testing.assert_allclose(out, [[(0 + 1 + 3 + 4) / 4, (2 + 5) / 2], [(6 + 7) / 2, 8.0]])
