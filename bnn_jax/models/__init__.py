@@ -26,9 +26,11 @@ def build_model(config: Mapping[str, Any]) -> Classifier:
 
   Keys: ``backbone`` (ResArch | MobileArch), ``num_classes``, ``neck``
   (gap | gap_bn), ``dtype`` (the compute dtype), and the backbone's own fields
-  (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``, …).
+  (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``, …); an option
+  set to ``None`` takes the backbone's default.
   """
   options = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  options = {k: v for k, v in options.items() if v is not None}  # None: the backbone's default
   backbone_name = options.pop("backbone", "ResArch")
   if backbone_name not in BACKBONES:
     raise ConfigError(f"unknown backbone {backbone_name!r}; valid: {sorted(BACKBONES)}")

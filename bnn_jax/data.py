@@ -1,0 +1,306 @@
+"""Input pipelines: TFDS, image folders and the embedded digits, on tf.data.
+
+Sources (``dataset.name``): ``imagenet2012`` (manual download), ``cifar10`` /
+``cifar100`` (downloaded by TFDS when online), ``image_folder``
+(``root/<split>/<class>/*.jpg``) and ``digits`` (scikit-learn's handwritten
+digits, shipped with it: the offline default). Augmentation (``dataset.augment``)
+is chosen independently: ``imagenet``, ``imagenet_colorjitter``, ``cifar``,
+``digits`` or ``none``.
+
+Training order is a pure function of (seed, epoch), and augmentation uses
+stateless random ops seeded by (seed, epoch, index), so a resumed run sees
+exactly the batches an uninterrupted one would. Evaluation covers every example
+of the split exactly once: the last batch is padded and masked, never dropped.
+Each process reads its own shard; batches here are per process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Iterator, Optional, Tuple
+
+import numpy as np
+
+from bnn_jax.errors import ConfigError
+
+# Imported lazily so that tools that never read data (bops, convert) start fast.
+tf = None
+
+
+def _tf():
+  global tf
+  if tf is None:
+    import tensorflow
+    tensorflow.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
+    tf = tensorflow
+  return tf
+
+
+class DataError(ConfigError):
+  """A data set that is missing or unreadable, with where it was looked for and what to do."""
+
+
+SOURCES = ("digits", "cifar10", "cifar100", "imagenet2012", "image_folder")
+AUGMENTATIONS = ("imagenet", "imagenet_colorjitter", "cifar", "digits", "none")
+
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+CIFAR_MEAN, CIFAR_STD = (125.307, 122.961, 113.8575), (51.5865, 50.847, 51.255)
+
+
+@dataclasses.dataclass
+class Source:
+  """A split as a tf.data dataset of {'image', 'label'} for this process, and the split's size."""
+  make: Callable[[Optional[int]], "tf.data.Dataset"]  # file-shuffle seed (None: file order)
+  num_examples: int  # in the whole split, all processes together
+  process_examples: int  # in this process's shard
+
+
+# --- Sources -----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def digits_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8×8 digits as uint8 (N, 8, 8, 1) images; a fixed 80/20 train/test split."""
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
+  order = np.random.RandomState(0).permutation(len(images))
+  cut = int(0.8 * len(images))
+  chosen = {"train": order[:cut], "test": order[cut:]}
+  if split not in chosen:
+    raise DataError(f"digits has splits ['train', 'test'], not {split!r}")
+  return images[chosen[split]], digits.target[chosen[split]].astype(np.int64)
+
+
+def _digits_source(split: str, process_index: int, process_count: int) -> Source:
+  all_images, all_labels = digits_arrays(split)
+  images, labels = all_images[process_index::process_count], all_labels[process_index::process_count]
+  tf_ = _tf()
+  return Source(lambda seed: tf_.data.Dataset.from_tensor_slices({"image": images, "label": labels}),
+                num_examples=len(all_labels), process_examples=len(labels))
+
+
+def _check_imagenet(builder, data_dir: Optional[str]) -> None:
+  if builder.is_prepared():
+    return
+  manual = os.path.join(data_dir or os.path.expanduser("~/tensorflow_datasets"), "downloads", "manual")
+  needed = ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+  missing = [n for n in needed if not os.path.exists(os.path.join(manual, n))]
+  if missing:
+    raise DataError(f"imagenet2012 must be downloaded by hand: put {', '.join(missing)} in {manual} "
+                    "(from image-net.org), or point dataset.path at a TFDS data_dir where it is prepared")
+
+
+def _tfds_source(name: str, split: str, data_dir: Optional[str], process_index: int,
+                 process_count: int) -> Source:
+  import tensorflow_datasets as tfds
+  _tf()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as error:  # noqa: BLE001 - any failure here is a data-set problem for the user
+    raise DataError(f"cannot open TFDS data set {name!r} in {data_dir or 'the default data_dir'}: "
+                    f"{error}") from None
+  if name == "imagenet2012":
+    _check_imagenet(builder, data_dir)
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # noqa: BLE001
+      raise DataError(f"{name} is not in {builder.data_dir} and could not be downloaded "
+                      f"({type(error).__name__}: {error}); run once online, or set dataset.path "
+                      "to a TFDS data_dir that holds it") from None
+  return _builder_source(builder, split, process_index, process_count)
+
+
+def _image_folder_source(root: Optional[str], split: str, process_index: int,
+                         process_count: int) -> Source:
+  import tensorflow_datasets as tfds
+  _tf()
+  if not root or not os.path.isdir(os.path.join(root, split)):
+    raise DataError(f"image folder split not found: {os.path.join(root or '<dataset.path unset>', split)} "
+                    "(expected dataset.path/<split>/<class>/*.jpg)")
+  builder = tfds.ImageFolder(root)
+  num_examples = builder.info.splits[split].num_examples
+
+  def make(seed: Optional[int]):
+    # ImageFolder lists files in a fixed order and cannot seed its own file shuffle:
+    # the seeded shuffle of train_batches does it.
+    del seed
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.shard(process_count, process_index)
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+  return Source(make, num_examples, len(range(process_index, num_examples, process_count)))
+
+
+def _builder_source(builder, split: str, process_index: int, process_count: int) -> Source:
+  import tensorflow_datasets as tfds
+  splits = builder.info.splits
+  if split not in splits:
+    raise DataError(f"{builder.name} has no split {split!r}; available: {sorted(splits)}")
+  shard = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+
+  def make(seed: Optional[int]):
+    read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True)
+    ds = builder.as_dataset(split=shard, shuffle_files=seed is not None, read_config=read_config,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+  return Source(make, num_examples=splits[split].num_examples,
+                process_examples=splits[shard].num_examples)
+
+
+def open_source(config, split: str, process_index: int = 0, process_count: int = 1) -> Source:
+  """The split ``split`` of the data set ``config`` (a ``dataset`` config section) names."""
+  name = config.name
+  if name == "digits":
+    return _digits_source(split, process_index, process_count)
+  if name == "image_folder":
+    return _image_folder_source(config.get("path"), split, process_index, process_count)
+  if name in ("cifar10", "cifar100", "imagenet2012"):
+    return _tfds_source(name, split, config.get("path"), process_index, process_count)
+  raise ConfigError(f"unknown dataset {name!r}; valid: {list(SOURCES)}")
+
+
+# --- Preprocessing -------------------------------------------------------------------
+
+
+def _decode(image):
+  if image.dtype == tf.string:
+    return tf.io.decode_image(image, channels=3, expand_animations=False)
+  return image
+
+
+def _random_resized_crop(image_bytes_or_image, size: int, seed):
+  """RandomResizedCrop(size): area 8–100 %, aspect 3/4–4/3, bilinear resize."""
+  image = _decode(image_bytes_or_image)
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  image = tf.slice(image, begin, crop_size)
+  return tf.image.resize(image, (size, size), method="bilinear", antialias=False)
+
+
+def _colour_jitter(image, seed):
+  """ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2) on a 0–255 float image."""
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  image = image * tf.random.stateless_uniform([], seeds[0], 0.8, 1.2)
+  image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[1])
+  image = tf.image.stateless_random_saturation(image, 0.8, 1.2, seeds[2])
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _resize_centre_crop(image, size: int, resize: int):
+  """Resize the shorter side to ``resize``, then take the central size×size crop."""
+  image = _decode(image)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = resize / tf.reduce_min(shape)
+  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+  top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
+  return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def _pad_crop_flip(image, pad: int, seed, flip: bool):
+  """RandomCrop(size, padding=pad) with zero padding, then an optional horizontal flip."""
+  image = _decode(image)
+  shape = tf.shape(image)
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+  image = tf.image.stateless_random_crop(padded, shape, seeds[0])
+  return tf.image.stateless_random_flip_left_right(image, seeds[1]) if flip else image
+
+
+def make_preprocess(config, train: bool) -> Callable:
+  """(example, seed) -> {'image': float32 normalised HWC, 'label'} for ``config.augment``."""
+  augment, size = config.augment, config.image_size
+  if augment not in AUGMENTATIONS:
+    raise ConfigError(f"unknown augment {augment!r}; valid: {list(AUGMENTATIONS)}")
+  mean = np.asarray(config.mean, np.float32)
+  std = np.asarray(config.std, np.float32)
+  resize = int(round(size * config.get("eval_resize_ratio", 256 / 224)))
+
+  def preprocess(example, seed):
+    image = example["image"]
+    if augment.startswith("imagenet"):
+      if train:
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        image = _random_resized_crop(image, size, seeds[0])
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+        if augment == "imagenet_colorjitter":
+          image = _colour_jitter(image, seeds[2])
+      else:
+        image = _resize_centre_crop(image, size, resize)
+    elif augment in ("cifar", "digits") and train:
+      image = _pad_crop_flip(image, 4 if augment == "cifar" else 1, seed, flip=augment == "cifar")
+    else:
+      image = _decode(image)
+    image = (tf.cast(image, tf.float32) - mean) / std
+    return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+  return preprocess
+
+
+# --- Pipelines -----------------------------------------------------------------------
+
+
+def _options():
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 0
+  return options
+
+
+def train_batches(source: Source, config, batch_size: int, seed: int,
+                  start_step: int = 0) -> Iterator[dict]:
+  """Endless host batches (numpy) of ``batch_size`` for this process, from step ``start_step`` on.
+
+  Epoch ``e`` is the split shuffled with seed (seed, e), batched with the
+  remainder dropped; resuming at any step reproduces the same stream.
+  """
+  _tf()
+  steps_per_epoch = source.process_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"batch size {batch_size} per process exceeds the {source.process_examples} "
+                      "training examples of this process")
+  epoch, offset = divmod(start_step, steps_per_epoch)
+  preprocess = make_preprocess(config, train=True)
+  while True:
+    epoch_seed = seed * 100003 + epoch
+    ds = source.make(epoch_seed)
+    ds = ds.shuffle(min(config.get("shuffle_buffer", 16384), source.process_examples),
+                    seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.enumerate().map(
+        lambda i, ex: preprocess(ex, tf.stack([tf.cast(epoch_seed, tf.int64), i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).skip(offset).prefetch(tf.data.AUTOTUNE)
+    yield from ds.with_options(_options()).as_numpy_iterator()
+    epoch, offset = epoch + 1, 0
+
+
+def eval_batches(source: Source, config, batch_size: int, process_count: int = 1) -> Iterator[dict]:
+  """Every example of the split once, in batches with a 'mask' (1 = real, 0 = padding).
+
+  Every process yields the same number of batches (what a multi-host step needs).
+  """
+  _tf()
+  per_process = -(-source.num_examples // process_count)
+  num_batches = -(-per_process // batch_size)
+  preprocess = make_preprocess(config, train=False)
+  ds = source.make(None).map(lambda ex: {**preprocess(ex, tf.zeros([2], tf.int64)), "mask": 1.0},
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  padding = ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).repeat()
+  ds = ds.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()).as_numpy_iterator()
+
+
+def synthetic_batches(batch_size: int, image_size: int, channels: int, num_classes: int,
+                      seed: int = 0) -> Iterator[dict]:
+  """Random images and labels, for shape and speed tests that read no data."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield {"image": rng.standard_normal((batch_size, image_size, image_size, channels), np.float32),
+           "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}

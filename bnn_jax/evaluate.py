@@ -1,0 +1,59 @@
+"""``python -m bnn_jax.evaluate --config CONFIG --workdir DIR [--step N] [--json]``.
+
+Prints top-1, top-5 and loss over the whole eval split of the config's data
+set, from the workdir's latest checkpoint (or ``--step``), on however many
+devices this process sees. ``--json`` prints one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bnn_jax import parallel
+from bnn_jax.checkpoint import Checkpoints
+from bnn_jax.errors import ConfigError
+from bnn_jax.experiment import Experiment
+from bnn_jax.step import TrainState
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+
+
+def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
+  """Eval metrics of a checkpoint: top1, top5 (fractions), loss, num_examples, step."""
+  experiment = Experiment.from_config(config)
+  checkpoints = Checkpoints(workdir, read_only=True)
+  template = experiment.variables_template()
+  variables, meta = checkpoints.restore_variables(
+      {"params": template["params"], "batch_stats": template.get("batch_stats", {})},
+      parallel.replicated(experiment.mesh), step)
+  state = TrainState(jax.numpy.asarray(meta["step"]), variables["params"], variables["batch_stats"], None)
+  return experiment.evaluate(state) | {"step": int(meta["step"])}
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    metrics = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
+        f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s))")
+  if _JSON.value:
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,103 @@
+"""Everything a run is built from, made once from its config: model, data, schedules, steps.
+
+Shared by ``train`` and ``evaluate`` so that both see the same model, input
+pipeline and shardings.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bnn_jax import data, parallel, step
+from bnn_jax.ede import ede_schedule
+from bnn_jax.models import build_model
+from bnn_jax.optim import make_lr_schedule, make_optimizer
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any
+  mesh: Any
+  model: Any
+
+  @classmethod
+  def from_config(cls, config) -> "Experiment":
+    return cls(config, parallel.make_mesh(), build_model(config.model))
+
+  @property
+  def input_shape(self):
+    size = self.config.dataset.image_size
+    return (1, size, size, len(self.config.dataset.mean))
+
+  @property
+  def eval_batch_size(self) -> int:
+    """Global eval batch (defaults to the train batch)."""
+    return self.config.train.eval_batch_size or self.config.train.batch_size
+
+  def source(self, split: str) -> data.Source:
+    return data.open_source(self.config.dataset, split, jax.process_index(), jax.process_count())
+
+  def variables_template(self) -> Dict[str, Any]:
+    """Shapes of params and batch_stats, computed without running the model."""
+    return jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(self.input_shape),
+                                                  train=False))
+
+  def make_optimizer(self, steps_per_epoch: int, total_steps: int):
+    """(tx, lr schedule) for this run's length."""
+    schedule_config = self.config.schedule.copy_and_resolve_references()
+    with schedule_config.unlocked():
+      schedule_config.lr = self.config.optimizer.lr
+    lr = make_lr_schedule(schedule_config, steps_per_epoch, total_steps)
+    template = self.variables_template()
+    tx = make_optimizer(self.config.optimizer, lr, template["params"], template.get("batch_stats", {}))
+    return tx, lr
+
+  def make_ede(self, steps_per_epoch: int, epochs: int):
+    ede = self.config.ede
+    if not ede.enabled:
+      return None
+    return ede_schedule(ede.epochs or epochs, steps_per_epoch, ede.t_min, ede.t_max)
+
+  def init_state(self, tx: optax.GradientTransformation) -> step.TrainState:
+    """A fresh, replicated TrainState (seeded by train.seed)."""
+    init = lambda rng: step.init_state(self.model, tx, rng, self.input_shape)  # noqa: E731
+    return jax.jit(init, out_shardings=parallel.replicated(self.mesh))(
+        jax.random.key(self.config.train.seed))
+
+  def evaluate(self, state: step.TrainState, eval_step=None,
+               source: Optional[data.Source] = None) -> Dict[str, float]:
+    """Loss, top-1 and top-5 over every example of the eval split (padding masked out)."""
+    eval_step = eval_step or parallel.jit_eval_step(step.make_eval_step(self.model), self.mesh)
+    local_batch = parallel.check_batch_size(self.eval_batch_size, "eval batch size")
+    source = source or self.source(self.config.dataset.eval_split)
+    batches = data.eval_batches(source, self.config.dataset, local_batch, jax.process_count())
+    sums = jax.device_put(step.zero_metrics(step.EVAL_SUMS), parallel.replicated(self.mesh))
+    for batch in parallel.prefetch_to_devices(batches, self.mesh):
+      sums = eval_step(state, batch, sums)
+    fetched = {k: float(v) for k, v in jax.device_get(sums).items()}
+    return step.summarize(fetched) | {"num_examples": int(fetched["count"])}
+
+
+def partial_load(fresh: Any, loaded: Any):
+  """``fresh`` with every leaf that ``loaded`` has at the same path and shape replaced.
+
+  Returns (tree, restored paths, freshly initialised paths).
+  """
+  available = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  restored, fresh_paths = [], []
+
+  def pick(path, value):
+    key = jax.tree_util.keystr(path)
+    other = available.get(key)
+    if other is not None and np.shape(other) == np.shape(value):
+      restored.append(key)
+      return jnp.asarray(other, value.dtype)
+    fresh_paths.append(key)
+    return value
+
+  return jax.tree_util.tree_map_with_path(pick, fresh), restored, fresh_paths

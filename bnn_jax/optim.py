@@ -1,0 +1,99 @@
+"""Optimizers, learning-rate schedules and weight-decay masks from config, through optax.
+
+Schedules follow mmcv's LrUpdater hooks of the original: ``step`` (×gamma at
+each milestone), ``poly`` and ``cosine`` over epochs (``by_epoch``) or
+iterations, with optional linear warmup over ``warmup_iters`` iterations from
+``warmup_ratio``·lr. Weight decay is PyTorch's (added to the gradient before
+the update) for SGD and Adam, decoupled for AdamW.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bnn_jax.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "poly", "cosine", "constant")
+
+
+def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """``config``: the ``schedule`` section; ``config.lr`` comes from the optimizer section's ``lr``."""
+  name, base = config.name, config.lr
+  if name not in SCHEDULES:
+    raise ConfigError(f"unknown schedule {name!r}; valid: {list(SCHEDULES)}")
+  by_epoch = config.get("by_epoch", True)
+  epochs = max(total_steps // max(steps_per_epoch, 1), 1)
+  min_lr = config.get("min_lr", 0.0)
+
+  def regular(step):
+    progress = step // steps_per_epoch if by_epoch else step
+    fraction = progress / (epochs if by_epoch else total_steps)
+    if name == "step":
+      milestones = jnp.asarray(config.milestones)
+      return base * config.get("gamma", 0.1) ** jnp.sum(progress >= milestones)
+    if name == "poly":
+      return (base - min_lr) * (1 - fraction) ** config.get("power", 1.0) + min_lr
+    if name == "cosine":
+      return min_lr + (base - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * fraction))
+    return jnp.asarray(base, jnp.float32)
+
+  warmup = config.get("warmup")
+  if warmup not in (None, "linear"):
+    raise ConfigError(f"unknown warmup {warmup!r}; valid: ['linear', None]")
+  warmup_iters, warmup_ratio = config.get("warmup_iters", 0), config.get("warmup_ratio", 0.1)
+
+  def schedule(step):
+    step = jnp.asarray(step)
+    lr = regular(step)
+    if warmup and warmup_iters:
+      shortfall = (1 - step / warmup_iters) * (1 - warmup_ratio)
+      lr = jnp.where(step < warmup_iters, lr * (1 - shortfall), lr)
+    return jnp.asarray(lr, jnp.float32)
+
+  return schedule
+
+
+def norm_params_mask(params: Any, batch_stats: Any) -> Any:
+  """True for parameters of normalisation layers: those whose module also holds batch statistics."""
+  norm_modules = {path[:-1] for path, _ in
+                  jax.tree_util.tree_flatten_with_path(batch_stats)[0]}
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[:-1] in norm_modules, params)
+
+
+def weight_decay_mask(config, params: Any, batch_stats: Any) -> Any:
+  """Which parameters get weight decay: all, or all but normalisation layers when norm_decay_mult = 0."""
+  if config.get("norm_decay_mult", 1.0) not in (0.0, 1.0):
+    raise ConfigError("optimizer.norm_decay_mult must be 0 or 1")
+  norm = norm_params_mask(params, batch_stats)
+  if config.get("norm_decay_mult", 1.0) == 0.0:
+    return jax.tree_util.tree_map(lambda is_norm: not is_norm, norm)
+  return jax.tree_util.tree_map(lambda _: True, norm)
+
+
+def make_optimizer(config, lr_schedule: Callable, params: Any, batch_stats: Any
+                   ) -> optax.GradientTransformation:
+  """``config``: the ``optimizer`` section (name, momentum, nesterov, weight_decay, grad_clip, …)."""
+  name = config.name
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
+  decay = config.get("weight_decay", 0.0)
+  mask = weight_decay_mask(config, params, batch_stats)
+  parts = []
+  if config.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  if decay and name != "adamw":
+    parts.append(optax.add_decayed_weights(decay, mask))
+  if name == "sgd":
+    parts.append(optax.sgd(lr_schedule, momentum=config.get("momentum", 0.9) or None,
+                           nesterov=config.get("nesterov", False)))
+  elif name == "adam":
+    parts.append(optax.adam(lr_schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
+                            eps=config.get("eps", 1e-8)))
+  else:
+    parts.append(optax.adamw(lr_schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
+                             eps=config.get("eps", 1e-8), weight_decay=decay, mask=mask))
+  return optax.chain(*parts)

@@ -1,0 +1,75 @@
+"""Data parallelism on a device mesh: one axis ``data``, state replicated, batch sharded.
+
+The steps are ``jax.jit`` with explicit shardings, so BatchNorm statistics
+cover the global batch (synchronised BN). Host batches (per process) become
+global arrays with ``jax.make_array_from_process_local_data`` and are put on
+the devices ahead of use.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bnn_jax.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch: int, what: str = "global batch size") -> int:
+  """The per-process batch; a clear error when ``global_batch`` does not split over the devices."""
+  devices = jax.device_count()
+  if global_batch % devices:
+    raise ConfigError(f"{what} {global_batch} is not divisible by the {devices} devices; "
+                      f"use a multiple of {devices}")
+  return global_batch // jax.process_count()
+
+
+def jit_train_step(train_step, mesh: Mesh):
+  """(state, batch, metrics) -> (state, metrics), state and metrics donated."""
+  rep, data = replicated(mesh), batch_sharded(mesh)
+  return jax.jit(train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0, 2))
+
+
+def jit_eval_step(eval_step, mesh: Mesh):
+  rep, data = replicated(mesh), batch_sharded(mesh)
+  return jax.jit(eval_step, in_shardings=(rep, data, rep), out_shardings=rep, donate_argnums=(2,))
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+  """A process-local numpy batch -> global arrays sharded along ``data``."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def prefetch_to_devices(batches: Iterable[dict], mesh: Mesh, size: int = 2) -> Iterator[dict]:
+  """Keeps ``size`` batches already transferred, so the devices never wait on the host copy."""
+  queue = collections.deque()
+  iterator = iter(batches)
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(to_global(batch, mesh))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

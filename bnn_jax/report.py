@@ -1,0 +1,117 @@
+"""What a person sees of a run: progress bar, epoch lines, TensorBoard, metrics.jsonl, a PNG.
+
+Only process 0 writes. ``metrics.jsonl`` in the workdir keeps the whole history
+across resumes; the PNG is redrawn from it at the end of a run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+import jax
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+class Reporter:
+  def __init__(self, workdir: str, progress: bool = True):
+    self.workdir = workdir
+    self.progress = progress and is_writer()
+    self.bar = None
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    if is_writer():
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def log(self, message: str) -> None:
+    if not is_writer():
+      return
+    if self.bar is not None:
+      self.bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+    if self.progress:
+      from tqdm import tqdm
+      self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                      dynamic_ncols=True, leave=False, file=sys.stdout)
+
+  def advance(self, steps: int = 1) -> None:
+    if self.bar is not None:
+      self.bar.update(steps)
+
+  def show(self, **values) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+  def end_epoch(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+  def scalars(self, step: int, prefix: str, values: Dict[str, float]) -> None:
+    """TensorBoard scalars and one line of metrics.jsonl."""
+    if not is_writer():
+      return
+    for name, value in values.items():
+      self.writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
+    self.writer.flush()
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+
+  def history(self) -> List[dict]:
+    if not os.path.exists(self.metrics_path):
+      return []
+    with open(self.metrics_path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def truncate_history(self, step: int) -> None:
+    """Drops records past ``step``: what a resumed run will log again."""
+    if is_writer() and os.path.exists(self.metrics_path):
+      kept = [r for r in self.history() if r["step"] <= step]
+      with open(self.metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+  def plot(self, filename: str = "curves.png") -> Optional[str]:
+    """Loss, accuracy, learning rate and EDE k/t against step, as a PNG in the workdir."""
+    records = self.history()
+    if not is_writer() or not records:
+      return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(split, key):
+      rows = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+      return [s for s, _ in rows], [v for _, v in rows]
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for split in ("train", "eval"):
+      axes[0].plot(*series(split, "loss"), label=split, marker="o" if split == "eval" else None)
+      axes[1].plot(*series(split, "top1"), label=f"{split} top-1", marker="o" if split == "eval" else None)
+    axes[2].plot(*series("train", "lr"))
+    if series("train", "ede_k")[0]:
+      axes[3].plot(*series("train", "ede_k"), label="k")
+      axes[3].plot(*series("train", "ede_t"), label="t")
+    else:
+      axes[3].text(0.5, 0.5, "no EDE in this method", ha="center", va="center",
+                   transform=axes[3].transAxes)
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate", "EDE k, t")):
+      ax.set_title(title)
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3)
+    for ax in axes:
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(self.workdir, filename)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,13 @@
+"""IR-Net ResNet-18 on ImageNet (Qin et al., CVPR 2020), the original's recipe."""
+from bnn_jax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.update(backbone="ResArch", arch="IRNet-18", stem_act="hardtanh", neck="gap_bn")
+  c.optimizer.update(name="sgd", lr=0.4, momentum=0.9, nesterov=True, weight_decay=1e-4)
+  c.schedule.update(name="step", milestones=(30, 60, 90), warmup="linear", warmup_iters=2500,
+                    warmup_ratio=0.25)
+  c.ede.update(enabled=True, epochs=100)
+  c.train.update(epochs=100, batch_size=1024)
+  return c

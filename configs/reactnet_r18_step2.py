@@ -1,0 +1,11 @@
+"""ReActNet ResNet-18, step 2 of 2: fully binary, initialised from step 1."""
+from bnn_jax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.update(backbone="ResArch", arch="ReActNet-18", avg_down=True, binary_type=(True, True))
+  c.optimizer.update(name="adam", lr=1e-3, weight_decay=0.0, norm_decay_mult=0.0)
+  c.schedule.update(name="poly", by_epoch=False, min_lr=0.0)
+  c.train.update(epochs=256, batch_size=512, load_from="workdirs/reactnet_r18_step1")
+  return c

@@ -1,0 +1,13 @@
+"""Real-to-Binary Net (Martinez et al., ICLR 2020), stage 0: the real-valued network (tanh in place of sign)."""
+from bnn_jax.config import default_config, imagenet
+
+
+def get_config():
+  c = default_config()
+  c.model.update(backbone="ResArch", arch="Real2BiFP", stem_act="prelu", binary_type=(False, False))
+  c.dataset = imagenet(colour_jitter=True)
+  c.optimizer.update(name="adam", lr=1e-3, weight_decay=1e-5, norm_decay_mult=0.0)
+  c.schedule.update(name="step", milestones=(40, 60, 70), warmup="linear", warmup_iters=25025,
+                    warmup_ratio=0.1)
+  c.train.update(epochs=75, batch_size=256)
+  return c
