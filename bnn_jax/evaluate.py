@@ -19,12 +19,6 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.step import TrainState
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
-
-
 def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
   """Eval metrics of a checkpoint: top1, top5 (fractions), loss, num_examples, step."""
   experiment = Experiment.from_config(config)
@@ -37,23 +31,31 @@ def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
   return experiment.evaluate(state) | {"step": int(meta["step"])}
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
-  try:
-    metrics = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-  print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
-        f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s))")
-  if _JSON.value:
-    print(json.dumps(metrics))
+def main():
+  config = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
+  step = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+  as_json = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+
+  def run(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if config.value is None or workdir.value is None:
+      raise app.UsageError("--config and --workdir are required")
+    try:
+      metrics = evaluate_checkpoint(config.value, workdir.value, step.value)
+    except ConfigError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(1)
+    print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
+          f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s))")
+    if as_json.value:
+      print(json.dumps(metrics))
+
+  app.run(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

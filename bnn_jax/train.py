@@ -23,11 +23,6 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment, partial_load
 from bnn_jax.report import Reporter
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
-
-
 class NonFiniteLoss(RuntimeError):
   pass
 
@@ -179,18 +174,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return eval_metrics
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)  # our own lines and the progress bar, not JAX's start-up chatter
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, NonFiniteLoss) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+def main():
+  config = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
+
+  def run(argv):
+    logging.set_verbosity(logging.WARNING)  # our lines and the progress bar, not JAX's start-up chatter
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if config.value is None or workdir.value is None:
+      raise app.UsageError("--config and --workdir are required")
+    try:
+      train_and_evaluate(config.value, workdir.value)
+    except (ConfigError, NonFiniteLoss) as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

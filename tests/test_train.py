@@ -1,0 +1,141 @@
+"""The training system end to end on small models: resume, pre-emption, NaN, every config, evaluation."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnn_jax import data, parallel, step
+from bnn_jax.checkpoint import Checkpoints
+from bnn_jax.errors import ConfigError
+from bnn_jax.evaluate import evaluate_checkpoint
+from bnn_jax.experiment import Experiment
+from bnn_jax.train import NonFiniteLoss, train_and_evaluate
+
+from helpers import CONFIGS, digits_config, load_config, shrink
+
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("cifar10", "quickstart"))
+
+
+def final_params(workdir):
+  checkpoints = Checkpoints(workdir, read_only=True)
+  return jax.device_get(checkpoints.saved_tree(None, None)["params"])
+
+
+def assert_trees_equal(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Two epochs (44 steps) of the width-8 quickstart on digits, never stopped."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  config = digits_config(epochs=2, eval_every_epochs=2)
+  metrics = train_and_evaluate(config, workdir)
+  return config, workdir, metrics
+
+
+def test_resume_after_checkpoint_gives_identical_parameters(uninterrupted, tmp_path):
+  config, reference_dir, _ = uninterrupted
+  workdir = str(tmp_path)
+  stopped = config.copy_and_resolve_references()
+  stopped.train.max_steps = 22  # stop after the first epoch's checkpoint
+  train_and_evaluate(stopped, workdir)
+  assert Checkpoints(workdir, read_only=True).steps() == [22]
+  train_and_evaluate(config, workdir)  # the same command again: resumes at step 22
+  assert Checkpoints(workdir, read_only=True).latest_step() == 44
+  assert_trees_equal(final_params(workdir), final_params(reference_dir))
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, monkeypatch):
+  config, reference_dir, _ = uninterrupted
+  real_batches = data.train_batches
+
+  def preempted_after_30(*args, **kwargs):
+    for index, batch in enumerate(real_batches(*args, **kwargs)):
+      if index == 30:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(data, "train_batches", preempted_after_30)
+  train_and_evaluate(config, str(tmp_path))
+  checkpoints = Checkpoints(str(tmp_path), read_only=True)
+  assert checkpoints.latest_step() < 44 and checkpoints.latest_step() not in (22, 44)
+  monkeypatch.setattr(data, "train_batches", real_batches)
+  train_and_evaluate(config, str(tmp_path))
+  assert_trees_equal(final_params(str(tmp_path)), final_params(reference_dir))
+
+
+def test_evaluate_cli_path_reports_training_accuracy(uninterrupted):
+  config, workdir, train_metrics = uninterrupted
+  metrics = evaluate_checkpoint(config, workdir)
+  assert metrics["step"] == 44 and metrics["num_examples"] == 360
+  assert metrics["top1"] == pytest.approx(train_metrics["top1"])
+  assert metrics["loss"] == pytest.approx(train_metrics["loss"], rel=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = digits_config(epochs=3, log_every=1)
+  config.optimizer.update(name="sgd", lr=1e6, momentum=0.0)
+  config.model.binary_type = (False, False)  # real-valued: explodes within a few steps
+  config.schedule.name = "constant"
+  with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+    train_and_evaluate(config, str(tmp_path))
+  steps = Checkpoints(str(tmp_path), read_only=True).steps() if (tmp_path / "checkpoints").exists() else []
+  assert all(s % 22 == 0 for s in steps)  # only epoch-end checkpoints from before the blow-up
+
+
+def test_checkpoint_of_another_model_is_refused(uninterrupted):
+  config, workdir, _ = uninterrupted
+  other = config.copy_and_resolve_references()
+  other.model.base_channels = 16
+  with pytest.raises(ConfigError, match="different model"):
+    train_and_evaluate(other, workdir)
+
+
+def test_eval_covers_every_example_once_when_batch_does_not_divide_split():
+  config = digits_config()
+  source = data.open_source(config.dataset, "test")
+  batches = list(data.eval_batches(source, config.dataset, batch_size=64))
+  assert len(batches) == 6 and all(len(b["label"]) == 64 for b in batches)  # 360 = 5·64 + 40
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 360 and mask[:360].all() and not mask[360:].any()
+  labels = np.concatenate([b["label"] for b in batches])[:360]
+  np.testing.assert_array_equal(np.sort(labels), np.sort(data.digits_arrays("test")[1]))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_builds_and_takes_one_step(recipe):
+  config = shrink(load_config(recipe))
+  experiment = Experiment.from_config(config)
+  tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
+  train_step = parallel.jit_train_step(
+      step.make_train_step(experiment.model, tx, lr, experiment.make_ede(10, 10)), experiment.mesh)
+  state = experiment.init_state(tx)
+  batch = next(data.synthetic_batches(8, 32, 3, config.model.num_classes))
+  state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh),
+                              jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh)))
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss_sum"]))
+
+
+@pytest.mark.parametrize("recipe", ["irnet_r18", "reactnet_a_step1", "real_to_binary_step2"])
+def test_cifar10_variants(recipe):
+  config = load_config("cifar10", recipe)
+  assert config.model.cifar_stem and config.model.num_classes == 10
+  assert config.dataset.image_size == 32 and config.train.epochs == 200
+  if config.ede.enabled:
+    assert config.ede.epochs == 200
+
+
+def test_config_errors_are_clear():
+  with pytest.raises(ConfigError, match="not divisible by the 1 devices") if jax.device_count() > 1 else \
+      pytest.raises(ConfigError, match="exceeds"):
+    config = digits_config()
+    config.train.batch_size = 4096
+    train_and_evaluate(config, "/tmp/never-written")
+  with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
+    config = digits_config()
+    config.dataset.name = "mnist"
+    train_and_evaluate(config, "/tmp/never-written")
