@@ -10,6 +10,8 @@ PyTorch key of each leaf, and transpose kernels (OIHW -> HWIO, (out, in) ->
 """
 from __future__ import annotations
 
+import pickle
+import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -56,7 +58,11 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
       raise ConfigError(f"reading {path} needs PyTorch (pip install torch); "
                         ".npz state dicts need nothing more") from None
     # A checkpoint is untrusted input: tensors and plain containers only, no arbitrary unpickling.
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+      raise ConfigError(f"{path} holds more than tensors and plain containers, which are not "
+                        f"loaded (weights_only=True): {str(error).splitlines()[0]}") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
       loaded = loaded["state_dict"]
     state = {k: v.detach().float().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
@@ -133,3 +139,57 @@ def model_config_from_original(original: Mapping[str, Any]) -> Dict[str, Any]:
   config = {k: v for k, v in original.items() if k not in ("ede", "style", "out_indices", "num_stages")}
   config["neck"] = original.get("neck") or "gap"
   return config
+
+
+def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any]:
+  """Converts a PyTorch checkpoint for the model ``config`` describes into an Orbax checkpoint.
+
+  ``out`` becomes a workdir that ``python -m bnn_jax.evaluate`` (and ``train.load_from``,
+  and a KD teacher) can read: step 0, with the config and the source file as metadata.
+  """
+  import json
+
+  from bnn_jax.checkpoint import Checkpoints
+  from bnn_jax.experiment import Experiment
+
+  experiment = Experiment.from_config(config)
+  variables = torch_to_flax(load_state_dict(torch_checkpoint), experiment.variables_template())
+  state = {"step": np.zeros((), np.int32), "params": variables["params"],
+           "batch_stats": variables.get("batch_stats", {})}
+  checkpoints = Checkpoints(out, max_to_keep=None)
+  checkpoints.save(0, state, {"config": json.loads(config.to_json_best_effort()), "step": 0,
+                              "epoch": 0, "converted_from": torch_checkpoint})
+  checkpoints.wait()
+  return variables
+
+
+def main():
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file("config", None, "Config of the model the checkpoint holds.",
+                                           lock_config=True)
+  torch_checkpoint = flags.DEFINE_string("torch-checkpoint", None,
+                                         "A .pth (mmcls or torchvision) or .npz state dict.")
+  out = flags.DEFINE_string("out", None, "Directory for the Orbax checkpoint (a workdir).")
+
+  def run(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if None in (config.value, torch_checkpoint.value, out.value):
+      raise app.UsageError("--config, --torch-checkpoint and --out are required")
+    try:
+      variables = convert_checkpoint(config.value, torch_checkpoint.value, out.value)
+    except (ConfigError, FileNotFoundError) as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(1)
+    count = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables["params"]))
+    print(f"converted {torch_checkpoint.value}: {count:,} parameters of {config.value.model.arch} "
+          f"-> {out.value}/checkpoints/0")
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,7 +1,11 @@
 """Any recipe of configs/ on CIFAR-10: CIFAR stem (3×3/1 conv, no max-pool), 32×32 inputs.
 
-    python -m bnn_jax.train --config configs/cifar10.py:reactnet_r18_step1 --workdir DIR \
-        [--config.dataset.path=~/.cache/bnn_jax/cifar10_jpeg]   # image folder instead of TFDS
+    python -m bnn_jax.train --config configs/cifar10.py:reactnet_r18_step1 --workdir DIR
+
+reads CIFAR-10 through TFDS (downloaded when online); an image folder
+(``DIR/<split>/<class>/*.jpg``) instead:
+
+    ... --config.dataset.name=image_folder --config.dataset.path=~/.cache/bnn_jax/cifar10_jpeg
 
 Optimizer and method are the recipe's; epochs, batch size, milestones, warmup
 and EDE are rescaled to ``EPOCHS`` epochs of ``BATCH`` images.

@@ -1,0 +1,91 @@
+"""The converter: .pth (weights_only) and .npz state dicts -> an Orbax checkpoint that evaluates as the original."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnn_jax.checkpoint import Checkpoints
+from bnn_jax.config import default_config
+from bnn_jax.convert import convert_checkpoint, load_state_dict, model_config_from_original
+from bnn_jax.errors import ConfigError
+from bnn_jax.experiment import Experiment
+
+from conftest import PARITY_DIR, REPO
+
+FIXTURE = "reactnet_r18_step2"
+
+
+def fixture_config():
+  """Our config for the fixture's model (32×32 RGB inputs)."""
+  config = default_config()
+  original = json.loads((PARITY_DIR / f"{FIXTURE}.json").read_text())
+  config.model.update(model_config_from_original(original))
+  config.dataset.image_size = 32
+  return config
+
+
+def eval_logits_of_converted(config, workdir):
+  experiment = Experiment.from_config(config)
+  template = experiment.variables_template()
+  variables, meta = Checkpoints(workdir, read_only=True).restore_variables(
+      {"params": template["params"], "batch_stats": template["batch_stats"]}, None)
+  with np.load(PARITY_DIR / f"{FIXTURE}.npz") as fixture:
+    images, expected = fixture["input_nchw"].transpose(0, 2, 3, 1), fixture["logits_eval"]
+  return experiment.model.apply(variables, jnp.asarray(images), train=False), expected, meta
+
+
+def test_pth_checkpoint_converts_to_orbax_and_reproduces_original_logits(shared_dir, tmp_path):
+  torch = pytest.importorskip("torch")
+  state_dict = load_state_dict(str(PARITY_DIR / f"{FIXTURE}.npz"))
+  # mmcv's layout: {"meta": ..., "state_dict": ...}, saved by DDP with a "module." prefix.
+  torch.save({"meta": {"epoch": 256}, "state_dict": {
+      f"module.{k}": torch.from_numpy(v) for k, v in state_dict.items()}}, tmp_path / "model.pth")
+  config = fixture_config()
+  convert_checkpoint(config, str(tmp_path / "model.pth"), str(tmp_path / "converted"))
+  logits, expected, meta = eval_logits_of_converted(config, str(tmp_path / "converted"))
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  assert meta["step"] == 0 and meta["converted_from"].endswith("model.pth")
+
+
+class Payload:
+  """What a malicious checkpoint could carry: an arbitrary object to unpickle."""
+
+
+def test_pth_with_arbitrary_objects_is_refused(tmp_path):
+  torch = pytest.importorskip("torch")
+  torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": Payload()}, tmp_path / "evil.pth")
+  with pytest.raises(ConfigError, match="weights_only"):
+    load_state_dict(str(tmp_path / "evil.pth"))
+
+
+def test_convert_cli_on_npz(shared_dir, tmp_path):
+  original = json.loads((PARITY_DIR / f"{FIXTURE}.json").read_text())
+  config_file = tmp_path / "fixture_config.py"
+  config_file.write_text(
+      "from bnn_jax.config import default_config\n"
+      "def get_config():\n"
+      "  c = default_config()\n"
+      f"  c.model.update(backbone='ResArch', arch='ReActNet-18', stem_channels=8, base_channels=8,\n"
+      f"                 avg_down=True, num_classes={original['num_classes']})\n"
+      "  c.dataset.image_size = 32\n"
+      "  return c\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "bnn_jax.convert", f"--config={config_file}",
+       f"--torch-checkpoint={PARITY_DIR / FIXTURE}.npz", f"--out={tmp_path / 'converted'}"],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "converted" in result.stdout
+  logits, expected, _ = eval_logits_of_converted(fixture_config(), str(tmp_path / "converted"))
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  # A state dict of another model: one line naming the keys, exit status 1.
+  config_file.write_text(config_file.read_text().replace("base_channels=8", "base_channels=16"))
+  result = subprocess.run(
+      [sys.executable, "-m", "bnn_jax.convert", f"--config={config_file}",
+       f"--torch-checkpoint={PARITY_DIR / FIXTURE}.npz", f"--out={tmp_path / 'other'}"],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 1 and "error: state dict does not fit the model" in result.stderr
+  assert "head.fc.weight (checkpoint (10, 64), model expects (10, 128))" in result.stderr
