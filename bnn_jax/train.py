@@ -155,7 +155,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if finished or (epoch + 1) % config.train.checkpoint_every_epochs == 0:
       save(current)
     reporter.log(
-        f"epoch {current / steps_per_epoch:g}/{config.train.epochs} step {current}: "
+        f"epoch {current / steps_per_epoch:.4g}/{config.train.epochs} step {current}: "
         f"train loss {summary['loss']:.4f} "
         f"top-1 {summary['top1']:.2%} lr {summary['lr']:.3g}"
         + (f" | EDE k {summary['ede_k']:.3g} t {summary['ede_t']:.3g}" if ede else "")
