@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from bnn_jax.binarize import EDE

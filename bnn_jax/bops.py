@@ -1,0 +1,387 @@
+"""BOPs, FLOPs, parameters and model size, read off the jaxpr of ``model.apply``.
+
+    python -m bnn_jax.bops --config configs/birealnet_r18.py [--shape 224] [--json] [--plot FILE.png]
+
+Nothing is hooked and nothing is compiled or run: :func:`analyze` traces the
+apply function with ``jax.make_jaxpr`` on abstract inputs (batch 1) and walks the
+jaxpr, sub-jaxprs included (jit, custom_vjp/custom_jvp, remat, scan, cond). A
+value is *binary* when it comes from a sign: the ``sign`` primitive, or a select
+between two constants (``where(x >= 0, 1, -1)``, what every estimator of
+:mod:`bnn_jax.binarize` computes in its forward), possibly scaled by a
+broadcast per-channel factor, reshaped or cast. So it works for any Flax model,
+a user's own sign estimator included.
+
+Counting follows the papers and the original: a conv's MACs are output elements
+· (Cin / groups) · kh · kw (padding included); a conv or matmul with both
+operands binary counts as BOPs, with both real as FLOPs, with one of each as
+*mixed* (binary activations with real weights: step 1 of two-step training).
+OPs = BOPs / 64 + FLOPs. Normalisation, activations, pooling and elementwise
+ops are not counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import sys
+from typing import Any, Callable, Dict, FrozenSet, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core
+
+from bnn_jax.errors import ConfigError
+
+
+class Precision(enum.Enum):
+  CONST = "const"  # a literal or a value computed from literals alone
+  BINARY = "binary"  # ±1 (times a broadcast scale)
+  REAL = "real"
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+  """What the walk knows of one jaxpr variable."""
+  precision: Precision
+  source_size: int  # elements before the last broadcast: a per-channel scale is smaller than its target
+  params: FrozenSet[int] = frozenset()  # parameter leaves it is computed from (None: depends on the input)
+  from_input: bool = False
+
+
+@dataclasses.dataclass
+class Layer:
+  name: str
+  kind: str  # conv | dense
+  input_shape: Sequence[int]
+  kernel_shape: Sequence[int]
+  output_shape: Sequence[int]
+  macs: int
+  input_precision: str
+  kernel_precision: str
+
+  @property
+  def counted_as(self) -> str:
+    binary = (self.input_precision == "binary", self.kernel_precision == "binary")
+    return "bops" if all(binary) else "mixed" if any(binary) else "flops"
+
+
+@dataclasses.dataclass
+class Report:
+  layers: List[Layer]
+  params: int
+  binary_params: int
+
+  def total(self, counted_as: str) -> int:
+    return sum(layer.macs for layer in self.layers if layer.counted_as == counted_as)
+
+  @property
+  def bops(self) -> int:
+    return self.total("bops")
+
+  @property
+  def flops(self) -> int:
+    return self.total("flops")
+
+  @property
+  def mixed(self) -> int:
+    return self.total("mixed")
+
+  @property
+  def ops(self) -> float:
+    return self.bops / 64 + self.flops
+
+  @property
+  def size_bytes(self) -> float:
+    """Binary weights at 1 bit, every other parameter at 32."""
+    return (self.binary_params + 32 * (self.params - self.binary_params)) / 8
+
+  @property
+  def compression(self) -> float:
+    return 4 * self.params / self.size_bytes if self.params else 1.0
+
+  @property
+  def binary_mac_share(self) -> float:
+    total = self.bops + self.flops + self.mixed
+    return self.bops / total if total else 0.0
+
+  def as_dict(self) -> Dict[str, Any]:
+    return {"bops": self.bops, "flops": self.flops, "mixed": self.mixed, "ops": self.ops,
+            "params": self.params, "binary_params": self.binary_params,
+            "real_params": self.params - self.binary_params, "size_bytes": self.size_bytes,
+            "compression": self.compression, "binary_mac_share": self.binary_mac_share,
+            "layers": [dataclasses.asdict(layer) | {"counted_as": layer.counted_as}
+                       for layer in self.layers]}
+
+
+# --- The walk ------------------------------------------------------------------------
+
+# Ops whose single result is its (first) operand rearranged, cast or scaled by nothing new.
+_SHAPE_OPS = frozenset({
+    "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
+    "pad", "slice", "dynamic_slice", "rev", "copy", "copy_p", "stop_gradient", "neg",
+    "reduce_precision", "optimization_barrier"})
+# Elementwise ops that keep a (broadcast) scale a scale.
+_SCALE_PRESERVING = _SHAPE_OPS | {"div", "mul", "abs", "exp2", "pow", "round", "log", "sqrt", "rsqrt"}
+
+
+def _size(aval) -> int:
+  return int(np.prod(aval.shape)) if hasattr(aval, "shape") else 1
+
+
+def _sub_jaxprs(eqn):
+  """(jaxpr, consts, repeat) for each sub-jaxpr an equation calls, with how often it runs."""
+  name = eqn.primitive.name
+  if name == "cond":
+    return [(b.jaxpr, b.consts, 1) for b in eqn.params["branches"]]
+  if name == "while":
+    return [(eqn.params["body_jaxpr"].jaxpr, eqn.params["body_jaxpr"].consts, 1)]
+  repeat = eqn.params.get("length", 1) if name == "scan" else 1
+  found = []
+  for param in eqn.params.values():
+    if isinstance(param, core.ClosedJaxpr):
+      found.append((param.jaxpr, param.consts, repeat))
+    elif isinstance(param, core.Jaxpr):
+      found.append((param, (), repeat))
+  return found
+
+
+def _clean_name(stack: str) -> str:
+  """'Classifier/backbone/layer2.0/layer2.0.shortcut/downsample/0' -> 'backbone/layer2.0/downsample/0'."""
+  parts = [p for p in stack.split("/") if p][1:]  # drop the top-level module's class name
+  kept = []
+  for part in parts:
+    if kept and part.startswith(kept[-1] + "."):
+      continue  # a method call on the module before it (``layer2.0.shortcut``)
+    kept.append(part)
+  return "/".join(kept)
+
+
+class _Walker:
+  def __init__(self, param_sizes: Sequence[int]):
+    self.param_sizes = param_sizes
+    self.layers: List[Layer] = []
+    self.binary_param_ids: set = set()
+
+  def read(self, env, atom) -> Value:
+    if isinstance(atom, core.Literal):
+      return Value(Precision.CONST, _size(atom.aval))
+    return env.get(atom, Value(Precision.REAL, _size(atom.aval)))
+
+  def walk(self, jaxpr, inputs: Sequence[Value], consts: Sequence[Any] = (), prefix: str = "",
+           repeat: int = 1) -> List[Value]:
+    env = {v: Value(Precision.CONST, _size(v.aval)) for v in jaxpr.constvars}
+    env.update(zip(jaxpr.invars, inputs))
+    for eqn in jaxpr.eqns:
+      args = [self.read(env, a) for a in eqn.invars]
+      name = prefix + str(eqn.source_info.name_stack)
+      outputs = self.equation(eqn, args, name, repeat)
+      env.update(zip(eqn.outvars, outputs))
+    return [self.read(env, v) for v in jaxpr.outvars]
+
+  def equation(self, eqn, args: List[Value], name: str, repeat: int) -> List[Value]:
+    prim = eqn.primitive.name
+    out_avals = [v.aval for v in eqn.outvars]
+    params = frozenset().union(*(a.params for a in args)) if args else frozenset()
+    from_input = any(a.from_input for a in args)
+
+    def value(precision, source_size=None, aval=out_avals[0] if out_avals else None):
+      return Value(precision, _size(aval) if source_size is None else source_size,
+                   frozenset() if from_input else params, from_input)
+
+    subs = _sub_jaxprs(eqn)
+    if subs:
+      # Each branch of a cond is walked on its own and the costliest kept; other calls have one.
+      best, best_macs, results = [], -1, None
+      for sub, consts, times in subs:
+        before = self.layers
+        self.layers = []
+        outs = self.walk(sub, args[len(args) - len(sub.invars):], consts,
+                         name + "/" if name else "", repeat * times)
+        macs = sum(layer.macs for layer in self.layers)
+        if macs > best_macs:
+          best, best_macs, results = self.layers, macs, outs
+        self.layers = before + best if sub is subs[-1][0] else before
+      if len(results) == len(out_avals):
+        return results
+      return [value(Precision.REAL, aval=a) for a in out_avals]
+
+    if prim in ("conv_general_dilated", "dot_general"):
+      self.count(eqn, args, name, repeat)
+      return [value(Precision.REAL)]
+    if prim == "sign":
+      return [value(Precision.BINARY)]
+    if all(a.precision is Precision.CONST for a in args):
+      return [value(Precision.CONST, aval=a) for a in out_avals]
+    if prim == "select_n" and all(a.precision is Precision.CONST for a in args[1:]):
+      return [value(Precision.BINARY)]  # where(x >= 0, 1, -1)
+    first = args[0]
+    if prim in _SHAPE_OPS:
+      source = first.source_size if prim != "broadcast_in_dim" else min(
+          first.source_size, _size(eqn.invars[0].aval))
+      return [value(first.precision if first.precision is not Precision.CONST else Precision.REAL,
+                    source)]
+    if prim in ("mul", "div") and len(args) == 2:
+      size = _size(out_avals[0])
+      binary = [a for a in args if a.precision is Precision.BINARY]
+      others = [a for a in args if a.precision is not Precision.BINARY]
+      if binary and all(o.precision is Precision.CONST or o.source_size < size for o in others):
+        return [value(Precision.BINARY)]  # ±1 times a per-channel (or scalar) scale, or ±1 · ±1
+      return [value(Precision.REAL, min(a.source_size for a in args))]
+    if prim == "concatenate" and all(a.precision is Precision.BINARY for a in args):
+      return [value(Precision.BINARY)]
+    if prim in _SCALE_PRESERVING:
+      return [value(Precision.REAL, min(a.source_size for a in args), aval=a) for a in out_avals]
+    return [value(Precision.REAL, aval=a) for a in out_avals]
+
+  def count(self, eqn, args: List[Value], name: str, repeat: int) -> None:
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    if eqn.primitive.name == "conv_general_dilated":
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
+      per_output = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+      kind = "conv"
+    else:
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      per_output = math.prod(lhs.shape[d] for d in lhs_contract)
+      kind = "dense"
+    # Which operand is the kernel: the one computed from parameters alone.
+    inputs, kernel = (args[0], args[1]) if not args[1].from_input or args[0].from_input else (
+        args[1], args[0])
+    layer = Layer(_clean_name(name), kind, tuple(lhs.shape), tuple(rhs.shape), tuple(out.shape),
+                  repeat * _size(out) * per_output, inputs.precision.value
+                  if inputs.precision is not Precision.CONST else "real",
+                  kernel.precision.value if kernel.precision is not Precision.CONST else "real")
+    self.layers.append(layer)
+    for operand in (inputs, kernel):
+      if operand.precision is Precision.BINARY and not operand.from_input:
+        kernel_size = _size(rhs if operand is kernel else lhs)
+        self.binary_param_ids.update(i for i in operand.params if self.param_sizes[i] == kernel_size)
+
+
+def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],
+            input_dtype=jnp.float32) -> Report:
+  """Costs of ``apply_fn(variables, images)`` on one image of ``input_shape`` (NHWC, batch 1).
+
+  ``variables`` may be arrays or ``jax.ShapeDtypeStruct`` stand-ins (``jax.eval_shape``):
+  the function is only traced.
+  """
+  input_shape = (1, *tuple(input_shape)[1:])
+  images = jax.ShapeDtypeStruct(input_shape, input_dtype)
+  closed = jax.make_jaxpr(apply_fn)(variables, images)
+  param_leaves = jax.tree_util.tree_leaves(variables.get("params", variables)
+                                           if isinstance(variables, dict) else variables)
+  all_leaves = jax.tree_util.tree_leaves(variables)
+  param_ids = {id(leaf) for leaf in param_leaves}
+  inputs = []
+  sizes = []
+  for index, leaf in enumerate(all_leaves):
+    sizes.append(_size(leaf))
+    inputs.append(Value(Precision.REAL, _size(leaf),
+                        frozenset({index}) if id(leaf) in param_ids else frozenset()))
+  inputs.append(Value(Precision.REAL, _size(images), frozenset(), from_input=True))
+  walker = _Walker(sizes)
+  walker.walk(closed.jaxpr, inputs, closed.consts)
+  return Report(walker.layers, params=sum(_size(p) for p in param_leaves),
+                binary_params=sum(sizes[i] for i in walker.binary_param_ids))
+
+
+def analyze_model(model, input_shape: Sequence[int]) -> Report:
+  """:func:`analyze` of a Flax classifier in eval mode, from shapes alone."""
+  images = jnp.zeros((1, *tuple(input_shape)[1:]), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+  return analyze(lambda v, x: model.apply(v, x, train=False), variables, input_shape)
+
+
+# --- Report --------------------------------------------------------------------------
+
+
+def _human(n: float) -> str:
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.3f}{unit}"
+  return f"{n:.0f}"
+
+
+def format_report(report: Report, title: str = "") -> str:
+  """The per-layer table and the totals, as larq.models.summary shows them."""
+  rows = [f"{'layer':<44} {'kind':<5} {'input':<18} {'kernel':<18} {'MACs':>10}  precision"]
+  for layer in report.layers:
+    rows.append(f"{layer.name:<44} {layer.kind:<5} {str(layer.input_shape):<18} "
+                f"{str(layer.kernel_shape):<18} {_human(layer.macs):>10}  "
+                f"{layer.input_precision} x {layer.kernel_precision} -> {layer.counted_as}")
+  totals = [
+      f"BOPs    {report.bops:>16,}  ({_human(report.bops)})",
+      f"FLOPs   {report.flops:>16,}  ({_human(report.flops)})",
+      f"mixed   {report.mixed:>16,}  ({_human(report.mixed)}; binary x real MACs, not in OPs)",
+      f"OPs     {report.ops:>16,.0f}  ({_human(report.ops)} = BOPs/64 + FLOPs)",
+      f"params  {report.params:>16,}  (binary {report.binary_params:,}, "
+      f"real {report.params - report.binary_params:,})",
+      f"size    {report.size_bytes / 2**20:>15.2f}M  bytes (binary weights at 1 bit; "
+      f"{report.compression:.1f}x smaller than float32)",
+      f"binary share of MACs {report.binary_mac_share:.1%}",
+  ]
+  return "\n".join(([title] if title else []) + rows + [""] + totals)
+
+
+def plot(report: Report, path: str) -> None:
+  """A bar chart per layer of BOPs (binary and mixed) and FLOPs."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Patch
+
+  names = [layer.name or f"#{i}" for i, layer in enumerate(report.layers)]
+  colours = {"bops": "tab:blue", "mixed": "tab:orange", "flops": "tab:red"}
+  fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(names)), 5))
+  ax.bar(range(len(names)), [layer.macs for layer in report.layers],
+         color=[colours[layer.counted_as] for layer in report.layers])
+  ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+  ax.set_ylabel("MACs")
+  ax.set_yscale("log")
+  ax.legend(handles=[Patch(color=colour, label=label) for label, colour in
+                     (("BOPs", colours["bops"]), ("mixed", colours["mixed"]), ("FLOPs", colours["flops"]))])
+  ax.set_title(f"BOPs {_human(report.bops)}, FLOPs {_human(report.flops)}, OPs {_human(report.ops)}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main():
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  from bnn_jax.models import build_model
+
+  config = config_flags.DEFINE_config_file("config", None, "A config file; its model is analysed.",
+                                           lock_config=True)
+  shape = flags.DEFINE_integer("shape", None, "Input height and width (default: the config's).")
+  as_json = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+  plot_path = flags.DEFINE_string("plot", None, "Write a per-layer bar chart to this PNG.")
+
+  def run(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if config.value is None:
+      raise app.UsageError("--config is required")
+    cfg = config.value
+    size = shape.value or cfg.dataset.image_size
+    try:
+      report = analyze_model(build_model(cfg.model), (1, size, size, len(cfg.dataset.mean)))
+    except ConfigError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(1)
+    if plot_path.value:
+      plot(report, plot_path.value)
+    if as_json.value:
+      print(json.dumps(report.as_dict()))
+    else:
+      print(format_report(report, f"{cfg.model.arch} at {size}x{size}"))
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()
