@@ -2,26 +2,54 @@
 
 Sections: ``model`` (see :func:`bnn_jax.models.build_model`; a ``None`` field
 means the backbone's default), ``dataset``, ``optimizer``, ``schedule``, ``ede``,
-``loss`` and ``train``. Every field exists here, so any of them can be set from
+``loss``, ``teacher`` and ``train``. Every field exists here, so any of them can be set from
 the command line (``--config.train.epochs=5``) and a typo is an error. Fields
 that default to ``None`` are typed placeholders, so they can be set there too
 (``--config.dataset.path=DIR``, ``--config.model.strides='(1, 2, 2, 1)'``).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import Optional
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 from bnn_jax.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from bnn_jax.errors import ConfigError
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of a file, as ``--config`` reads it: ``path.py`` or ``path.py:argument``.
+
+  A bare name (``irnet_r18``) means ``configs/irnet_r18.py``.
+  """
+  path, _, argument = spec.partition(":")
+  if not path.endswith(".py"):
+    path = os.path.join(CONFIGS_DIR, f"{path}.py")
+  if not os.path.exists(path):
+    known = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py"))
+    raise ConfigError(f"no config file {path}; configs/ has {known}")
+  module_spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
+# Where the recipes expect the torchvision teachers, converted once with
+# python -m bnn_jax.convert (README: "Teachers").
+TORCHVISION_RESNET18 = "workdirs/teachers/resnet18_torchvision"
+TORCHVISION_RESNET34 = "workdirs/teachers/resnet34_torchvision"
 
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(dict(
-      backbone="ResArch", arch="ReActNet-18", num_classes=1000, neck="gap", dtype="float32",
-      stem_channels=placeholder(int), base_channels=placeholder(int), strides=placeholder(tuple),
-      avg_down=placeholder(bool), stem_act=placeholder(str), binary_type=placeholder(tuple),
-      binarizers=placeholder(tuple), cifar_stem=placeholder(bool), layers_cfg=placeholder(tuple)))
+  c.model = model_section()
   c.dataset = imagenet()
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, norm_decay_mult=1.0,
@@ -31,11 +59,45 @@ def default_config() -> ml_collections.ConfigDict:
       warmup=placeholder(str), warmup_iters=0, warmup_ratio=0.1))
   # IR-Net's Error Decay Estimator; epochs None = the whole run.
   c.ede = ml_collections.ConfigDict(dict(enabled=False, epochs=placeholder(int), t_min=0.1, t_max=10.0))
-  c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+  # Per-example objective: ce_weight·CE + kd_weight·KD + at_weight·AT (only_kd drops CE).
+  # attention_blocks: block names (e.g. "layer1.0") to compare; None = every block.
+  c.loss = ml_collections.ConfigDict(dict(
+      label_smoothing=0.0, ce_weight=1.0, kd_weight=0.0, at_weight=0.0, only_kd=False,
+      temperature=1.0, attention_blocks=placeholder(tuple)))
+  # The KD teacher: its model section, and an Orbax workdir (one of our runs, or the output of
+  # python -m bnn_jax.convert) or a .pth / .npz state dict. Not trained, not checkpointed.
+  c.teacher = ml_collections.ConfigDict(dict(
+      model=model_section(arch="ResNet-34", stem_act="relu"), checkpoint=placeholder(str),
+      step=placeholder(int)))
   c.train = ml_collections.ConfigDict(dict(
       epochs=100, batch_size=256, eval_batch_size=placeholder(int), seed=166, log_every=100,
       eval_every_epochs=1, checkpoint_every_epochs=1, max_to_keep=3, max_steps=placeholder(int),
       load_from=placeholder(str), progress=True, plot=True))
+  return c
+
+
+def model_section(**fields) -> ml_collections.ConfigDict:
+  """A ``model`` section: see :func:`bnn_jax.models.build_model`; ``None`` = the backbone's default."""
+  section = ml_collections.ConfigDict(dict(
+      backbone="ResArch", arch="ReActNet-18", num_classes=1000, neck="gap", dtype="float32",
+      stem_channels=placeholder(int), base_channels=placeholder(int), strides=placeholder(tuple),
+      avg_down=placeholder(bool), stem_act=placeholder(str), binary_type=placeholder(tuple),
+      binarizers=placeholder(tuple), cifar_stem=placeholder(bool), layers_cfg=placeholder(tuple)))
+  section.update(fields)
+  return section
+
+
+def real_resnet(depth: int, dataset: Optional[ml_collections.ConfigDict] = None
+                ) -> ml_collections.ConfigDict:
+  """A real-valued ResNet-18/34 in torchvision's layout and recipe (SGD 0.1, ×0.1 every 30 epochs,
+  90 epochs of 256): a KD teacher this project can train itself."""
+  c = default_config()
+  c.model.update(arch=f"ResNet-{depth}", stem_act="relu")
+  if dataset is not None:
+    c.dataset = dataset
+  c.optimizer.update(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+  c.schedule.update(name="step", milestones=(30, 60))
+  c.train.update(epochs=90, batch_size=256)
   return c
 
 

@@ -1,4 +1,4 @@
-"""Everything a run is built from, made once from its config: model, data, schedules, steps.
+"""Everything a run is built from, made once from its config: model, data, schedules, teacher, steps.
 
 Shared by ``train`` and ``evaluate`` so that both see the same model, input
 pipeline and shardings.
@@ -6,7 +6,8 @@ pipeline and shardings.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,10 @@ import numpy as np
 import optax
 
 from bnn_jax import data, parallel, step
+from bnn_jax.checkpoint import Checkpoints
+from bnn_jax.convert import load_state_dict, torch_to_flax
 from bnn_jax.ede import ede_schedule
+from bnn_jax.errors import ConfigError
 from bnn_jax.models import build_model
 from bnn_jax.optim import make_lr_schedule, make_optimizer
 
@@ -62,6 +66,43 @@ class Experiment:
     if not ede.enabled:
       return None
     return ede_schedule(ede.epochs or epochs, steps_per_epoch, ede.t_min, ede.t_max)
+
+  @property
+  def objective(self) -> step.Objective:
+    return step.Objective.from_config(self.config.loss)
+
+  def load_teacher(self) -> Tuple[Optional[Any], Dict[str, Any], Dict[str, Any]]:
+    """(teacher model, its variables replicated on the mesh, what to record of it), or (None, {}, {}).
+
+    ``teacher.checkpoint`` is an Orbax workdir (a run of ours, or ``bnn_jax.convert``'s output)
+    or a ``.pth`` / ``.npz`` state dict, converted here.
+    """
+    teacher = self.config.teacher
+    if not self.objective.needs_teacher:
+      if teacher.checkpoint:
+        raise ConfigError(f"teacher.checkpoint is set ({teacher.checkpoint}) but loss.kd_weight and "
+                          "loss.at_weight are 0: set one, or unset the teacher")
+      return None, {}, {}
+    if not teacher.checkpoint:
+      raise ConfigError("loss.kd_weight / loss.at_weight need teacher.checkpoint: an Orbax workdir "
+                        "or a .pth / .npz state dict of teacher.model")
+    model = build_model(teacher.model)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(self.input_shape),
+                                                 train=False))
+    sharding = parallel.replicated(self.mesh)
+    if os.path.isdir(teacher.checkpoint):
+      variables, meta = Checkpoints(teacher.checkpoint, read_only=True).restore_variables(
+          {"params": template["params"], "batch_stats": template.get("batch_stats", {})}, sharding,
+          teacher.step)
+      step_restored = meta.get("step")
+    elif os.path.isfile(teacher.checkpoint):
+      variables = jax.device_put(torch_to_flax(load_state_dict(teacher.checkpoint), template), sharding)
+      step_restored = None
+    else:
+      raise ConfigError(f"teacher.checkpoint {teacher.checkpoint} does not exist")
+    record = {"checkpoint": os.path.abspath(teacher.checkpoint), "step": step_restored,
+              "model": teacher.model.to_dict()}
+    return model, variables, record
 
   def init_state(self, tx: optax.GradientTransformation) -> step.TrainState:
     """A fresh, replicated TrainState (seeded by train.seed)."""

@@ -1,5 +1,11 @@
-"""Losses: cross-entropy (optional label smoothing) and top-k accuracy counts."""
+"""Losses: cross-entropy, the KD distribution loss, attention transfer; top-k accuracy counts.
+
+Every loss here is per example (shape ``(batch,)``), so a weighted sum of them is
+the per-example objective and its batch mean is what the train step minimises.
+"""
 from __future__ import annotations
+
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +18,33 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets)
+
+
+def distribution_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float = 1.0) -> jax.Array:
+  """ReActNet's distributional loss: −Σ softmax(teacher/T) · log_softmax(student/T), times T².
+
+  No gradient reaches the teacher. T = 1 is the original; T² keeps the gradient's
+  scale independent of T (Hinton et al.).
+  """
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
+  student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  return -jnp.sum(teacher * student, axis=-1) * temperature ** 2
+
+
+def attention_map(features: jax.Array) -> jax.Array:
+  """Q = mean over channels of A², flattened per example and divided by its maximum (NHWC in)."""
+  q = jnp.mean(jnp.square(features.astype(jnp.float32)), axis=-1).reshape(features.shape[0], -1)
+  return q / jnp.max(q, axis=-1, keepdims=True)
+
+
+def attention_transfer(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array]) -> jax.Array:
+  """Real-to-Binary's attention loss: per example, the MSE between the student's and the teacher's
+  attention maps, summed over the compared feature maps (teacher side stop-gradient)."""
+  losses = [jnp.mean(jnp.square(attention_map(student[name])
+                                - jax.lax.stop_gradient(attention_map(teacher[name]))), axis=-1)
+            for name in student]
+  return sum(losses)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

@@ -43,9 +43,10 @@ def check_batch_size(global_batch: int, what: str = "global batch size") -> int:
 
 
 def jit_train_step(train_step, mesh: Mesh):
-  """(state, batch, metrics) -> (state, metrics), state and metrics donated."""
+  """(state, batch, metrics, teacher_variables) -> (state, metrics); state and metrics donated,
+  the teacher replicated like the state."""
   rep, data = replicated(mesh), batch_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+  return jax.jit(train_step, in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep),
                  donate_argnums=(0, 2))
 
 

@@ -1,11 +1,14 @@
 """The train and eval steps as pure functions of (state, batch): what parallel.py jits.
 
 Metrics are summed on device into an accumulator that the loop fetches every
-few steps, so no step waits on the host.
+few steps, so no step waits on the host. The train step's ``loss`` metric is
+the whole objective (CE and, with a teacher, KD and attention transfer); the
+eval step's is cross-entropy.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import jax
@@ -13,7 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from bnn_jax.binarize import EDE
-from bnn_jax.losses import cross_entropy, topk_correct
+from bnn_jax.errors import ConfigError
+from bnn_jax.losses import attention_transfer, cross_entropy, distribution_loss, topk_correct
+from bnn_jax.models import BLOCK_OUTPUTS, block_outputs
 
 Metrics = Dict[str, jax.Array]
 
@@ -49,18 +54,80 @@ def _batch_metrics(logits, labels, loss_per_example, mask) -> Metrics:
           "count": jnp.sum(mask)}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
-                    ede_schedule: Optional[Callable] = None, label_smoothing: float = 0.0):
-  """(state, batch, metrics) -> (state, metrics): one SGD step on a batch of {'image', 'label'}."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The per-example loss: ce·CE + kd·KD + at·AT, from a config's ``loss`` section."""
+  ce: float = 1.0
+  kd: float = 0.0
+  at: float = 0.0
+  label_smoothing: float = 0.0
+  temperature: float = 1.0
+  attention_blocks: Optional[Tuple[str, ...]] = None  # None: every block
 
-  def train_step(state: TrainState, batch, metrics: Metrics):
+  @classmethod
+  def from_config(cls, loss) -> "Objective":
+    blocks = loss.get("attention_blocks")
+    return cls(ce=0.0 if loss.get("only_kd") else loss.get("ce_weight", 1.0),
+               kd=loss.get("kd_weight", 0.0), at=loss.get("at_weight", 0.0),
+               label_smoothing=loss.get("label_smoothing", 0.0),
+               temperature=loss.get("temperature", 1.0),
+               attention_blocks=tuple(blocks) if blocks else None)
+
+  @property
+  def needs_teacher(self) -> bool:
+    return bool(self.kd or self.at)
+
+  def attention_pairs(self, student: Dict[str, jax.Array], teacher: Dict[str, jax.Array]):
+    """The block outputs to compare, checked to exist on both sides with equal spatial sizes."""
+    names = self.attention_blocks or tuple(student)
+    bad = [n for n in names if n not in student or n not in teacher]
+    if bad:
+      raise ConfigError(f"loss.attention_blocks {bad} are not blocks of both student and teacher; "
+                        f"student: {sorted(student)}, teacher: {sorted(teacher)}")
+    mismatched = [f"{n} (student {student[n].shape[1:3]}, teacher {teacher[n].shape[1:3]})"
+                  for n in names if student[n].shape[1:3] != teacher[n].shape[1:3]]
+    if mismatched:
+      raise ConfigError(f"attention transfer needs equal spatial sizes: {', '.join(mismatched)}")
+    return {n: student[n] for n in names}, {n: teacher[n] for n in names}
+
+  def per_example(self, logits, labels, teacher_logits=None, student_blocks=None,
+                  teacher_blocks=None) -> jax.Array:
+    loss = jnp.zeros(logits.shape[:1], jnp.float32)
+    if self.ce:  # skipped, not multiplied by 0, so labels cannot reach the gradient
+      loss += self.ce * cross_entropy(logits, labels, self.label_smoothing)
+    if self.kd:
+      loss += self.kd * distribution_loss(logits, teacher_logits, self.temperature)
+    if self.at:
+      loss += self.at * attention_transfer(*self.attention_pairs(student_blocks, teacher_blocks))
+    return loss
+
+
+def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
+                    ede_schedule: Optional[Callable] = None, objective: Objective = Objective(),
+                    teacher=None):
+  """(state, batch, metrics, teacher_variables) -> (state, metrics): one step on {'image', 'label'}.
+
+  ``teacher`` (a model) runs in eval mode on the same images, under stop_gradient, inside
+  this step; its variables are an argument (``{}`` without a teacher), never in the state.
+  """
+  if objective.needs_teacher and teacher is None:
+    raise ConfigError("loss.kd_weight / loss.at_weight need a teacher (teacher.checkpoint)")
+  mutable = ["batch_stats", BLOCK_OUTPUTS] if objective.at else ["batch_stats"]
+
+  def train_step(state: TrainState, batch, metrics: Metrics, teacher_variables):
     ede = ede_schedule(state.step) if ede_schedule else EDE.initial()
-    labels = batch["label"]
+    images, labels = batch["image"], batch["label"]
+    teacher_logits = teacher_blocks = None
+    if objective.needs_teacher:
+      teacher_logits, collections = teacher.apply(
+          jax.lax.stop_gradient(teacher_variables), images, train=False, mutable=[BLOCK_OUTPUTS])
+      teacher_blocks = block_outputs(collections)
 
     def loss_fn(params):
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                    batch["image"], train=True, ede=ede, mutable=["batch_stats"])
-      per_example = cross_entropy(logits, labels, label_smoothing)
+                                    images, train=True, ede=ede, mutable=mutable)
+      per_example = objective.per_example(logits, labels, teacher_logits, block_outputs(updates),
+                                          teacher_blocks)
       return per_example.mean(), (logits, per_example, updates.get("batch_stats", {}))
 
     grads, (logits, per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -72,8 +72,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   tx, lr_schedule = experiment.make_optimizer(steps_per_epoch, total_steps)
   ede = experiment.make_ede(steps_per_epoch, config.train.epochs)
+  teacher, teacher_variables, teacher_record = experiment.load_teacher()
+  if teacher is not None:
+    reporter.log(f"teacher: {config.teacher.model.arch} from {teacher_record['checkpoint']} "
+                 f"(step {teacher_record['step']}), in eval mode inside the train step")
   train_step = parallel.jit_train_step(
-      step.make_train_step(experiment.model, tx, lr_schedule, ede, config.loss.label_smoothing), mesh)
+      step.make_train_step(experiment.model, tx, lr_schedule, ede, experiment.objective, teacher), mesh)
   eval_step = parallel.jit_eval_step(step.make_eval_step(experiment.model), mesh)
   state = experiment.init_state(tx)
 
@@ -103,7 +107,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def save(current_step: int) -> None:
     checkpoints.save(current_step, state, {
         "config": _config_json(config), "step": current_step,
-        "epoch": current_step / steps_per_epoch, "best": best})
+        "epoch": current_step / steps_per_epoch, "best": best, "teacher": teacher_record})
 
   preemption = _Preemption()
   batches = parallel.prefetch_to_devices(
@@ -111,6 +115,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   zero = lambda: jax.device_put(step.zero_metrics(), parallel.replicated(mesh))  # noqa: E731
   metrics, eval_metrics = zero(), {}
   current = start_step
+  if current >= last_step:  # rerun of a finished run (e.g. a recipe stage): report, train nothing
+    reporter.log(f"{workdir} already finished at step {current}; evaluating its last checkpoint")
+    eval_metrics = experiment.evaluate(state, eval_step, eval_source)
   while current < last_step:
     epoch = current // steps_per_epoch
     epoch_end = min((epoch + 1) * steps_per_epoch, last_step)
@@ -118,7 +125,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     epoch_start, epoch_time = current, time.perf_counter()
     window_start, window_time = epoch_start, epoch_time
     while current < epoch_end:
-      state, metrics = train_step(state, next(batches), metrics)
+      state, metrics = train_step(state, next(batches), metrics, teacher_variables)
       current += 1
       reporter.advance()
       if current % config.train.log_every == 0 or current == epoch_end:

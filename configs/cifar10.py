@@ -10,28 +10,19 @@ reads CIFAR-10 through TFDS (downloaded when online); an image folder
 Optimizer and method are the recipe's; epochs, batch size, milestones, warmup
 and EDE are rescaled to ``EPOCHS`` epochs of ``BATCH`` images.
 """
-import importlib.util
-import os
-
-from bnn_jax.config import cifar10
+from bnn_jax.config import TORCHVISION_RESNET18, TORCHVISION_RESNET34, cifar10, load_config
 
 EPOCHS, BATCH, TRAIN_IMAGES = 200, 256, 50000
-
-
-def load_recipe(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  if not os.path.exists(path):
-    recipes = sorted(f[:-3] for f in os.listdir(os.path.dirname(path))
-                     if f.endswith(".py") and f not in ("cifar10.py", "quickstart.py"))
-    raise ValueError(f"unknown recipe {name!r}; valid: {recipes}")
-  spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+# ImageNet teachers have no CIFAR-10 weights: the CIFAR-10 recipes use ResNets trained here
+# (configs/cifar10.py:resnet18 / :resnet34).
+CIFAR_TEACHERS = {TORCHVISION_RESNET18: "workdirs/cifar10_resnet18",
+                  TORCHVISION_RESNET34: "workdirs/cifar10_resnet34"}
 
 
 def get_config(recipe="reactnet_r18_step1"):
-  c = load_recipe(recipe)
+  if recipe in ("cifar10", "quickstart", "digits_kd"):
+    raise ValueError(f"configs/cifar10.py takes an ImageNet recipe, not {recipe!r}")
+  c = load_config(recipe)
   old_steps = c.train.epochs * (1281167 // c.train.batch_size)
   new_steps = EPOCHS * (TRAIN_IMAGES // BATCH)
   if c.schedule.milestones:
@@ -41,8 +32,12 @@ def get_config(recipe="reactnet_r18_step1"):
     c.optimizer.lr = c.optimizer.lr * BATCH / c.train.batch_size
   c.ede.epochs = EPOCHS if c.ede.enabled else None
   c.model.update(num_classes=10, cifar_stem=True)
+  c.teacher.model.update(num_classes=10, cifar_stem=True)
   c.dataset = cifar10()
   c.train.update(epochs=EPOCHS, batch_size=BATCH, log_every=50)
   if c.train.load_from:
     c.train.load_from = c.train.load_from.replace("workdirs/", "workdirs/cifar10_")
+  if c.teacher.checkpoint:
+    c.teacher.checkpoint = CIFAR_TEACHERS.get(
+        c.teacher.checkpoint, c.teacher.checkpoint.replace("workdirs/", "workdirs/cifar10_"))
   return c

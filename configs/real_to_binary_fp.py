@@ -1,5 +1,5 @@
 """Real-to-Binary Net (Martinez et al., ICLR 2020), stage 0: the real-valued network (tanh in place of sign)."""
-from bnn_jax.config import default_config, imagenet
+from bnn_jax.config import TORCHVISION_RESNET18, default_config, imagenet
 
 
 def get_config():
@@ -10,4 +10,9 @@ def get_config():
   c.schedule.update(name="step", milestones=(40, 60, 70), warmup="linear", warmup_iters=25025,
                     warmup_ratio=0.1)
   c.train.update(epochs=75, batch_size=256)
+  # Real-to-Binary's objective: CE + 3·KD + 30·attention transfer at every block output,
+  # from the stage before.
+  c.loss.update(ce_weight=1.0, kd_weight=3.0, at_weight=30.0)
+  c.teacher.model.update(arch="ResNet-18", stem_act="relu")
+  c.teacher.checkpoint = TORCHVISION_RESNET18
   return c

@@ -9,4 +9,9 @@ def get_config():
   c.schedule.update(name="step", milestones=(40, 60, 70), warmup="linear", warmup_iters=25025,
                     warmup_ratio=0.1)
   c.train.update(epochs=75, batch_size=256)
+  # Real-to-Binary's objective: CE + 3·KD + 30·attention transfer at every block output,
+  # from the stage before.
+  c.loss.update(ce_weight=1.0, kd_weight=3.0, at_weight=30.0)
+  c.teacher.model.update(arch="Real2BiFP", stem_act="prelu", binary_type=(False, False))
+  c.teacher.checkpoint = "workdirs/real_to_binary_fp"
   return c

@@ -1,26 +1,22 @@
 """Small configs for fast tests: any recipe at reduced width and 32×32 (or 8×8) inputs."""
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from bnn_jax.config import load_config  # noqa: F401 - re-exported for the tests
+
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-def load_config(name: str, argument: str = None) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(argument) if argument else module.get_config()
-
-
 def shrink(config: ml_collections.ConfigDict, image_size: int = 32) -> ml_collections.ConfigDict:
-  """The same recipe at base width 8 on small inputs: compiles and steps in seconds on a CPU."""
+  """The same recipe (and its teacher) at base width 8 on small inputs: compiles and steps in
+  seconds on a CPU."""
   config = config.copy_and_resolve_references()
-  if config.model.backbone == "MobileArch":
-    config.model.update(stem_channels=8, layers_cfg=((16, 1, 1), (32, 2, 2), (64, 1, 2)))
-  else:
-    config.model.update(stem_channels=8, base_channels=8)
+  for model in (config.model, config.teacher.model):
+    if model.backbone == "MobileArch":
+      model.update(stem_channels=8, layers_cfg=((16, 1, 1), (32, 2, 2), (64, 1, 2)))
+    else:
+      model.update(stem_channels=8, base_channels=8)
   config.dataset.image_size = image_size
   config.train.update(batch_size=8, progress=False, plot=False)
   return config

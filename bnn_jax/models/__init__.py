@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping
 
 import jax.numpy as jnp
 
 from bnn_jax.errors import ConfigError
-from bnn_jax.models.backbones import BACKBONES, MOBILE_ARCHS, RES_ARCHS, MobileArch, ResArch
+from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RES_ARCHS, MobileArch,
+                                     ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
 
-__all__ = ["build_model", "Classifier", "ResArch", "MobileArch", "RES_ARCHS", "MOBILE_ARCHS"]
+__all__ = ["build_model", "block_outputs", "Classifier", "ResArch", "MobileArch", "RES_ARCHS",
+           "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
 
 _CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
 
@@ -49,3 +51,8 @@ def build_model(config: Mapping[str, Any]) -> Classifier:
                       f"{sorted(fields | set(_CLASSIFIER_KEYS))}")
   backbone = backbone_cls(**{k: _as_tuples(v) for k, v in options.items()}, dtype=dtype)
   return Classifier(backbone=backbone, num_classes=num_classes, neck=neck, dtype=dtype)
+
+
+def block_outputs(collections: Mapping[str, Any]) -> Dict[str, Any]:
+  """{block name: output} from the collections ``apply(..., mutable=[BLOCK_OUTPUTS])`` returned."""
+  return dict(collections.get(BLOCK_OUTPUTS, {}).get("backbone", {}).get("blocks", {}))

@@ -1,6 +1,7 @@
 """Backbones: ResArch (ResNet layout), MobileArch (ReActNet-A) and the real ResNet.
 
-Each returns the last feature map (NHWC). Module names mirror the original
+Each returns the last feature map (NHWC) and, when asked, every block's output
+(:func:`sow_block_output`). Module names mirror the original
 (``conv1``, ``bn1``, ``layer{i}.{j}``), which is what makes conversion a
 leaf-by-leaf mapping.
 """
@@ -44,6 +45,16 @@ def _lookup(table: dict, arch: str, backbone: str):
   return table[arch]
 
 
+BLOCK_OUTPUTS = "intermediates"  # the collection Flax's init leaves out
+
+
+def sow_block_output(module: nn.Module, name: str, x) -> None:
+  """Records a block's output in the ``intermediates`` collection when the caller asks for it
+  (``apply(..., mutable=["block_outputs"])``): what attention transfer compares. A no-op otherwise."""
+  module.sow(BLOCK_OUTPUTS, "blocks", {name: x}, reduce_fn=lambda seen, new: {**seen, **new},
+             init_fn=dict)
+
+
 class ResArch(nn.Module):
   """ResNet-layout backbone: stem → 4 stages of residual blocks.
 
@@ -80,6 +91,7 @@ class ResArch(nn.Module):
                   avg_down=self.avg_down, binary_type=tuple(self.binary_type),
                   binarizers=self.binarizers, dtype=self.dtype,
                   name=f"layer{stage + 1}.{index}")(x, train=train, ede=ede)
+        sow_block_output(self, f"layer{stage + 1}.{index}", x)
       features *= 2
     if self.strides[-1] == 1:
       x = nn.avg_pool(x, (2, 2), (2, 2))
@@ -107,6 +119,7 @@ class MobileArch(nn.Module):
         x = block(features, strides=stride if index == 0 else 1,
                   binary_type=tuple(self.binary_type), binarizers=self.binarizers,
                   dtype=self.dtype, name=f"layer{stage + 1}.{index}")(x, train=train, ede=ede)
+        sow_block_output(self, f"layer{stage + 1}.{index}", x)
     return x
 
 

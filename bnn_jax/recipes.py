@@ -1,0 +1,92 @@
+"""Multi-stage recipes: each stage a config, trained in its own workdir under a parent workdir.
+
+A stage may start from an earlier stage's parameters (``train.load_from``) and distil from
+an earlier stage (``teacher.checkpoint``); the runner points both at the sibling workdirs.
+Rerunning resumes: finished stages are only evaluated, an interrupted one continues.
+Stages whose teacher is not in the recipe (ReActNet's ResNet-34, Real-to-Binary's ResNet-18)
+read the path their config names (README: "Teachers").
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence
+
+import ml_collections
+
+from bnn_jax.config import load_config
+from bnn_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str  # its workdir under the parent
+  config: str  # a load_config spec: "reactnet_r18_step1", "digits_kd:step1"
+  load_from: Optional[str] = None  # an earlier stage's name
+  teacher: Optional[str] = None  # an earlier stage's name
+
+
+RECIPES: Dict[str, List[Stage]] = {
+    "reactnet_r18": [Stage("step1", "reactnet_r18_step1"),
+                     Stage("step2", "reactnet_r18_step2", load_from="step1")],
+    "reactnet_a": [Stage("step1", "reactnet_a_step1"),
+                   Stage("step2", "reactnet_a_step2", load_from="step1")],
+    "strong_baseline": [Stage("step1", "strong_baseline_step1"),
+                        Stage("step2", "strong_baseline_step2", load_from="step1")],
+    "real_to_binary": [Stage("fp", "real_to_binary_fp"),
+                       Stage("step1", "real_to_binary_step1", teacher="fp"),
+                       Stage("step2", "real_to_binary_step2", load_from="step1", teacher="step1")],
+    "digits_kd": [Stage("teacher", "digits_kd:teacher"),
+                  Stage("step1", "digits_kd:step1", teacher="teacher"),
+                  Stage("step2", "digits_kd:step2", load_from="step1", teacher="teacher")],
+}
+
+
+def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
+  """``"train.epochs=3"`` -> config.train.epochs = 3 (the value parsed as a Python literal)."""
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise ConfigError(f"override {assignment!r} is not of the form a.b.c=value")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text  # a bare string
+  *parents, leaf = key.split(".")
+  section = config
+  for name in parents:
+    if name not in section:
+      raise ConfigError(f"override {assignment!r}: no section {name!r}; has {sorted(section)}")
+    section = section[name]
+  if leaf not in section:
+    raise ConfigError(f"override {assignment!r}: no field {leaf!r}; has {sorted(section)}")
+  section[leaf] = value
+
+
+def stage_configs(recipe: str, workdir: str, overrides: Sequence[str] = ()
+                  ) -> List[tuple]:
+  """[(stage, its workdir, its config)] of ``recipe`` under ``workdir``, overrides applied to each."""
+  if recipe not in RECIPES:
+    raise ConfigError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+  planned = []
+  for stage in RECIPES[recipe]:
+    config = load_config(stage.config)
+    for assignment in overrides:
+      apply_override(config, assignment)
+    if stage.load_from:
+      config.train.load_from = os.path.join(workdir, stage.load_from)
+    if stage.teacher:
+      config.teacher.checkpoint = os.path.join(workdir, stage.teacher)
+    planned.append((stage, os.path.join(workdir, stage.name), config))
+  return planned
+
+
+def run_recipe(recipe: str, workdir: str, overrides: Sequence[str] = ()) -> Dict[str, dict]:
+  """Trains every stage in order; returns {stage name: final eval metrics}."""
+  from bnn_jax.train import train_and_evaluate
+
+  results = {}
+  for stage, stage_dir, config in stage_configs(recipe, workdir, overrides):
+    print(f"=== {recipe}: stage {stage.name} ({stage.config}) in {stage_dir}", flush=True)
+    results[stage.name] = train_and_evaluate(config, stage_dir)
+  return results

@@ -1,0 +1,138 @@
+"""Knowledge distillation: the losses by hand, the teacher inside the step, only_kd, the recipe runner."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnn_jax import data, parallel, step
+from bnn_jax.checkpoint import Checkpoints
+from bnn_jax.errors import ConfigError
+from bnn_jax.experiment import Experiment
+from bnn_jax.losses import attention_map, attention_transfer, distribution_loss
+from bnn_jax.models import build_model
+from bnn_jax.recipes import apply_override, run_recipe
+
+from helpers import load_config, shrink
+
+
+def test_distribution_loss_by_hand():
+  teacher = jnp.array([[0.0, math.log(3.0)]])  # softmax (1/4, 3/4)
+  student = jnp.array([[0.0, 0.0]])  # log-softmax (−ln 2, −ln 2)
+  assert float(distribution_loss(student, teacher)[0]) == pytest.approx(math.log(2.0))
+  student = jnp.array([[math.log(1.0), math.log(4.0)]])  # softmax (1/5, 4/5)
+  expected = -(0.25 * math.log(0.2) + 0.75 * math.log(0.8))
+  assert float(distribution_loss(student, teacher)[0]) == pytest.approx(expected, rel=1e-6)
+  # Temperature 2: teacher (1, √3)/(1 + √3), student (1, 2)/3, times T² = 4.
+  p = np.array([1.0, math.sqrt(3.0)]) / (1 + math.sqrt(3.0))
+  expected = -4 * (p[0] * math.log(1 / 3) + p[1] * math.log(2 / 3))
+  assert float(distribution_loss(student, teacher, 2.0)[0]) == pytest.approx(expected, rel=1e-6)
+  grad_teacher = jax.grad(lambda t: distribution_loss(student, t).sum())(teacher)
+  assert not np.any(grad_teacher)
+
+
+def test_attention_loss_by_hand():
+  # One example, a 1×2 map with 2 channels: A² channel means (1+9)/2 = 5 and (4+0)/2 = 2.
+  student = jnp.array([[[[1.0, 3.0], [2.0, 0.0]]]])
+  np.testing.assert_allclose(attention_map(student), [[1.0, 0.4]], rtol=1e-6)  # / max 5
+  teacher = jnp.array([[[[2.0, 0.0], [2.0, 0.0]]]])  # means 2, 2 -> (1, 1)
+  # MSE over positions: ((1 − 1)² + (0.4 − 1)²) / 2 = 0.18, per compared map, summed.
+  loss = attention_transfer({"a": student, "b": student}, {"a": teacher, "b": teacher})
+  np.testing.assert_allclose(loss, [0.36], rtol=1e-6)
+  grad_teacher = jax.grad(lambda t: attention_transfer({"a": student}, {"a": t}).sum())(teacher)
+  assert not np.any(grad_teacher)
+
+
+def kd_setup(recipe="reactnet_r18_step1", **loss):
+  """A width-8 KD recipe on 32×32 inputs with a randomly initialised ResNet-18 teacher."""
+  config = shrink(load_config(recipe))
+  config.teacher.model.arch = "ResNet-18"  # compiles faster than ReActNet's ResNet-34
+  config.loss.update(loss)
+  experiment = Experiment.from_config(config)
+  tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
+  teacher = build_model(config.teacher.model)
+  teacher_variables = teacher.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)), train=False)
+  train_step = parallel.jit_train_step(step.make_train_step(
+      experiment.model, tx, lr, None, experiment.objective, teacher), experiment.mesh)
+  return experiment, tx, train_step, teacher_variables
+
+
+def run_steps(experiment, tx, train_step, teacher_variables, batches):
+  state = experiment.init_state(tx)
+  metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
+  for batch in batches:
+    state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics,
+                                teacher_variables)
+  return state
+
+
+def test_teacher_is_untouched_and_absent_from_the_optimizer_state():
+  experiment, tx, train_step, teacher_variables = kd_setup(only_kd=False, kd_weight=3.0,
+                                                           at_weight=30.0)  # CE + 3·KD + 30·AT
+  before = jax.tree_util.tree_map(np.array, teacher_variables)
+  batches = list(zip(range(3), data.synthetic_batches(8, 32, 3, 10)))
+  state = run_steps(experiment, tx, train_step, teacher_variables, [b for _, b in batches])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.device_get(teacher_variables))
+  # The optimizer state holds exactly the student's parameter shapes (twice, for Adam), nothing else.
+  student = sorted(p.shape for p in jax.tree_util.tree_leaves(state.params))
+  moments = sorted(x.shape for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
+  assert moments == sorted(student * 2)
+  assert int(state.step) == 3
+
+
+def test_only_kd_gradient_ignores_labels():
+  experiment, tx, train_step, teacher_variables = kd_setup()  # ReActNet's only_kd
+  batch = next(data.synthetic_batches(8, 32, 3, 10))
+  relabelled = dict(batch, label=(batch["label"] + 3) % 10)
+  a = run_steps(experiment, tx, train_step, teacher_variables, [batch])
+  b = run_steps(experiment, tx, train_step, teacher_variables, [relabelled])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a.params),
+                         jax.device_get(b.params))
+  # …whereas with cross-entropy the labels do change the step.
+  experiment, tx, train_step, teacher_variables = kd_setup(only_kd=False)
+  a = run_steps(experiment, tx, train_step, teacher_variables, [batch])
+  b = run_steps(experiment, tx, train_step, teacher_variables, [relabelled])
+  assert not np.array_equal(jax.device_get(a.params["head"]["fc"]["bias"]),
+                            jax.device_get(b.params["head"]["fc"]["bias"]))
+
+
+def test_attention_blocks_must_exist_on_both_sides():
+  with pytest.raises(ConfigError, match=r"\['layer9.0'\] are not blocks of both"):
+    experiment, tx, train_step, teacher_variables = kd_setup(at_weight=1.0,
+                                                             attention_blocks=("layer9.0",))
+    run_steps(experiment, tx, train_step, teacher_variables, [next(data.synthetic_batches(8, 32, 3, 10))])
+
+
+def test_kd_without_teacher_checkpoint_is_a_clear_error():
+  config = shrink(load_config("reactnet_r18_step1"))
+  config.teacher.checkpoint = None
+  with pytest.raises(ConfigError, match="need teacher.checkpoint"):
+    Experiment.from_config(config).load_teacher()
+
+
+def test_digits_recipe_runs_teacher_then_two_distilled_steps(tmp_path):
+  overrides = [f"{section}.{field}=8" for section in ("model", "teacher.model")
+               for field in ("stem_channels", "base_channels")]
+  overrides += ["train.max_steps=4", "train.progress=False", "train.plot=False"]
+  results = run_recipe("digits_kd", str(tmp_path), overrides)
+  assert list(results) == ["teacher", "step1", "step2"]
+  assert all(r["num_examples"] == 360 for r in results.values())
+  student = Checkpoints(str(tmp_path / "step2"), read_only=True)
+  meta = student.meta()
+  assert meta["teacher"]["checkpoint"] == str(tmp_path / "teacher")
+  assert meta["teacher"]["model"]["arch"] == "ResNet-18"
+  saved = student.saved_tree(None, None)
+  assert set(saved) == {"step", "params", "batch_stats", "opt_state"}
+  assert "layer1.0" in saved["params"]["backbone"] and "move1" in saved["params"]["backbone"]["layer1.0"]
+  # Rerunning the recipe resumes: every stage is already finished and only evaluated.
+  again = run_recipe("digits_kd", str(tmp_path), overrides)
+  assert again["step2"]["top1"] == pytest.approx(results["step2"]["top1"])
+
+
+def test_override_errors_name_the_field():
+  config = load_config("quickstart")
+  apply_override(config, "train.epochs=3")
+  assert config.train.epochs == 3
+  with pytest.raises(ConfigError, match="no field 'epoch'"):
+    apply_override(config, "train.epoch=3")
