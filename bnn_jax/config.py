@@ -2,7 +2,7 @@
 
 Sections: ``model`` (see :func:`bnn_jax.models.build_model`; a ``None`` field
 means the backbone's default), ``dataset``, ``optimizer``, ``schedule``, ``ede``,
-``loss``, ``teacher`` and ``train``. Every field exists here, so any of them can be set from
+``loss``, ``teacher``, ``parallel`` and ``train``. Every field exists here, so any of them can be set from
 the command line (``--config.train.epochs=5``) and a typo is an error. Fields
 that default to ``None`` are typed placeholders, so they can be set there too
 (``--config.dataset.path=DIR``, ``--config.model.strides='(1, 2, 2, 1)'``).
@@ -69,6 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(
       model=model_section(arch="ResNet-34", stem_act="relu"), checkpoint=placeholder(str),
       step=placeholder(int)))
+  # Data parallelism: "sharded" (one program over the global batch, synchronised BatchNorm) or
+  # "per_device" (shard_map, per-device BatchNorm: PyTorch DDP). distributed=True starts
+  # jax.distributed (multi-host); unset fields are read from the cluster's environment.
+  c.parallel = ml_collections.ConfigDict(dict(
+      mode="sharded", distributed=False, coordinator_address=placeholder(str),
+      num_processes=placeholder(int), process_id=placeholder(int)))
   c.train = ml_collections.ConfigDict(dict(
       epochs=100, batch_size=256, eval_batch_size=placeholder(int), seed=166, log_every=100,
       eval_every_epochs=1, checkpoint_every_epochs=1, max_to_keep=3, max_steps=placeholder(int),

@@ -44,6 +44,7 @@ def main():
     if config.value is None or workdir.value is None:
       raise app.UsageError("--config and --workdir are required")
     try:
+      parallel.initialize_distributed(config.value.parallel)
       metrics = evaluate_checkpoint(config.value, workdir.value, step.value)
     except ConfigError as error:
       print(f"error: {error}", file=sys.stderr)

@@ -104,6 +104,14 @@ class Experiment:
               "model": teacher.model.to_dict()}
     return model, variables, record
 
+  def make_train_step(self, tx: optax.GradientTransformation, lr_schedule, ede=None, teacher=None):
+    """The jitted train step of this config's objective, in its parallel mode."""
+    mode = self.config.get("parallel", {}).get("mode", "sharded")
+    train_step = step.make_train_step(
+        self.model, tx, lr_schedule, ede, self.objective, teacher,
+        axis_name=parallel.DATA_AXIS if mode == "per_device" else None)
+    return parallel.jit_train_step(train_step, self.mesh, mode)
+
   def init_state(self, tx: optax.GradientTransformation) -> step.TrainState:
     """A fresh, replicated TrainState (seeded by train.seed)."""
     init = lambda rng: step.init_state(self.model, tx, rng, self.input_shape)  # noqa: E731

@@ -1,7 +1,10 @@
 """Data parallelism on a device mesh: one axis ``data``, state replicated, batch sharded.
 
 The steps are ``jax.jit`` with explicit shardings, so BatchNorm statistics
-cover the global batch (synchronised BN). Host batches (per process) become
+cover the global batch (synchronised BN); the ``per_device`` mode runs the train
+step under ``shard_map`` instead (per-device BatchNorm, averaged gradients, as
+PyTorch DDP). Multi-host runs start with :func:`initialize_distributed`; each
+process feeds its own shard. Host batches (per process) become
 global arrays with ``jax.make_array_from_process_local_data`` and are put on
 the devices ahead of use.
 """
@@ -18,6 +21,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bnn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
+
+
+def initialize_distributed(config) -> None:
+  """``jax.distributed.initialize`` from the ``parallel`` config section, before any JAX work.
+
+  Unset fields are detected from the cluster's environment (SLURM, Open MPI, Cloud TPU,
+  Kubernetes), so ``parallel.distributed=True`` alone is enough there.
+  """
+  if not config.distributed:
+    return
+  jax.distributed.initialize(coordinator_address=config.coordinator_address or None,
+                             num_processes=config.num_processes, process_id=config.process_id)
 
 
 def make_mesh() -> Mesh:
@@ -42,10 +57,25 @@ def check_batch_size(global_batch: int, what: str = "global batch size") -> int:
   return global_batch // jax.process_count()
 
 
-def jit_train_step(train_step, mesh: Mesh):
+MODES = ("sharded", "per_device")
+
+
+def jit_train_step(train_step, mesh: Mesh, mode: str = "sharded"):
   """(state, batch, metrics, teacher_variables) -> (state, metrics); state and metrics donated,
-  the teacher replicated like the state."""
+  the teacher replicated like the state.
+
+  ``sharded``: one program over the global batch (BatchNorm statistics of the global batch).
+  ``per_device``: ``train_step`` must be made with ``axis_name=DATA_AXIS``; it runs on each
+  device's shard under ``shard_map`` (PyTorch DDP's semantics).
+  """
+  if mode not in MODES:
+    raise ConfigError(f"unknown parallel mode {mode!r}; valid: {list(MODES)}")
   rep, data = replicated(mesh), batch_sharded(mesh)
+  if mode == "per_device":
+    # check_vma=False: the step itself averages (pmean) gradients and statistics and sums
+    # (psum) metrics; with the check on, JAX would also sum the gradients of replicated inputs.
+    train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P()),
+                               out_specs=(P(), P()), check_vma=False)
   return jax.jit(train_step, in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep),
                  donate_argnums=(0, 2))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -25,7 +25,11 @@ class Stage:
   config: str  # a load_config spec: "reactnet_r18_step1", "digits_kd:step1"
   load_from: Optional[str] = None  # an earlier stage's name
   teacher: Optional[str] = None  # an earlier stage's name
+  overrides: Tuple[str, ...] = ()  # "a.b=value" applied to this stage's config
 
+
+# The digits student trained on labels alone, for comparison with digits_kd under the same budget.
+_NO_KD = ("loss.only_kd=False", "loss.kd_weight=0.0", "teacher.checkpoint=''")
 
 RECIPES: Dict[str, List[Stage]] = {
     "reactnet_r18": [Stage("step1", "reactnet_r18_step1"),
@@ -40,6 +44,8 @@ RECIPES: Dict[str, List[Stage]] = {
     "digits_kd": [Stage("teacher", "digits_kd:teacher"),
                   Stage("step1", "digits_kd:step1", teacher="teacher"),
                   Stage("step2", "digits_kd:step2", load_from="step1", teacher="teacher")],
+    "digits_no_kd": [Stage("step1", "digits_kd:step1", overrides=_NO_KD),
+                     Stage("step2", "digits_kd:step2", load_from="step1", overrides=_NO_KD)],
 }
 
 
@@ -71,7 +77,7 @@ def stage_configs(recipe: str, workdir: str, overrides: Sequence[str] = ()
   planned = []
   for stage in RECIPES[recipe]:
     config = load_config(stage.config)
-    for assignment in overrides:
+    for assignment in (*stage.overrides, *overrides):
       apply_override(config, assignment)
     if stage.load_from:
       config.train.load_from = os.path.join(workdir, stage.load_from)

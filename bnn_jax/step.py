@@ -104,11 +104,15 @@ class Objective:
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
                     ede_schedule: Optional[Callable] = None, objective: Objective = Objective(),
-                    teacher=None):
+                    teacher=None, axis_name: Optional[str] = None):
   """(state, batch, metrics, teacher_variables) -> (state, metrics): one step on {'image', 'label'}.
 
   ``teacher`` (a model) runs in eval mode on the same images, under stop_gradient, inside
   this step; its variables are an argument (``{}`` without a teacher), never in the state.
+  With ``axis_name`` the step runs per device (under ``shard_map``), as PyTorch DDP: BatchNorm
+  normalises with each device's batch statistics, gradients are averaged over the axis, and
+  so are the running statistics (their update is linear, so averaging every step equals
+  averaging once before evaluation or a checkpoint).
   """
   if objective.needs_teacher and teacher is None:
     raise ConfigError("loss.kd_weight / loss.at_weight need a teacher (teacher.checkpoint)")
@@ -131,10 +135,13 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
       return per_example.mean(), (logits, per_example, updates.get("batch_stats", {}))
 
     grads, (logits, per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    batch_metrics = _batch_metrics(logits, labels, per_example, jnp.ones_like(per_example))
+    if axis_name is not None:
+      grads, batch_stats = jax.lax.pmean((grads, batch_stats), axis_name)
+      batch_metrics = jax.lax.psum(batch_metrics, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
-    batch_metrics = _batch_metrics(logits, labels, per_example, jnp.ones_like(per_example))
     metrics = {name: metrics[name] + batch_metrics[name] for name in batch_metrics} | {
         "lr": lr_schedule(state.step), "ede_k": ede.k, "ede_t": ede.t}
     return new_state, metrics

@@ -76,8 +76,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if teacher is not None:
     reporter.log(f"teacher: {config.teacher.model.arch} from {teacher_record['checkpoint']} "
                  f"(step {teacher_record['step']}), in eval mode inside the train step")
-  train_step = parallel.jit_train_step(
-      step.make_train_step(experiment.model, tx, lr_schedule, ede, experiment.objective, teacher), mesh)
+  train_step = experiment.make_train_step(tx, lr_schedule, ede, teacher)
   eval_step = parallel.jit_eval_step(step.make_eval_step(experiment.model), mesh)
   state = experiment.init_state(tx)
 
@@ -102,7 +101,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   reporter.log(f"{config.model.arch}: {n_params:,} parameters | {config.dataset.name}: "
                f"{train_source.num_examples} train images, {steps_per_epoch} steps/epoch of "
-               f"{config.train.batch_size} | {jax.device_count()} {jax.devices()[0].platform} device(s)")
+               f"{config.train.batch_size} | {jax.device_count()} {jax.devices()[0].platform} device(s) "
+               f"in {jax.process_count()} process(es), {config.parallel.mode}")
 
   def save(current_step: int) -> None:
     checkpoints.save(current_step, state, {
@@ -193,6 +193,7 @@ def main():
     if config.value is None or workdir.value is None:
       raise app.UsageError("--config and --workdir are required")
     try:
+      parallel.initialize_distributed(config.value.parallel)
       train_and_evaluate(config.value, workdir.value)
     except (ConfigError, NonFiniteLoss) as error:
       print(f"error: {error}", file=sys.stderr)

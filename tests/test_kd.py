@@ -53,8 +53,7 @@ def kd_setup(recipe="reactnet_r18_step1", **loss):
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   teacher = build_model(config.teacher.model)
   teacher_variables = teacher.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)), train=False)
-  train_step = parallel.jit_train_step(step.make_train_step(
-      experiment.model, tx, lr, None, experiment.objective, teacher), experiment.mesh)
+  train_step = experiment.make_train_step(tx, lr, None, teacher)
   return experiment, tx, train_step, teacher_variables
 
 

@@ -117,9 +117,7 @@ def test_every_recipe_builds_and_takes_one_step(recipe):
   if objective.needs_teacher:  # a randomly initialised teacher at reduced width
     teacher = build_model(config.teacher.model)
     teacher_variables = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
-  train_step = parallel.jit_train_step(
-      step.make_train_step(experiment.model, tx, lr, experiment.make_ede(10, 10), objective, teacher),
-      experiment.mesh)
+  train_step = experiment.make_train_step(tx, lr, experiment.make_ede(10, 10), teacher)
   state = experiment.init_state(tx)
   batch = next(data.synthetic_batches(8, 32, 3, config.model.num_classes))
   state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh),

@@ -1,0 +1,57 @@
+"""Data parallelism on 8 simulated CPU devices (each case in a subprocess: XLA_FLAGS must be set
+before JAX starts): sharded = 1 device, per-device = DDP by hand, checkpoints across topologies."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run(args, devices, **kwargs):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          **kwargs)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.fixture(scope="module")
+def measured():
+  return json.loads(run(["tests/multidevice_worker.py"], 8).strip().splitlines()[-1])
+
+
+def test_sharded_step_on_8_devices_equals_1_device(measured):
+  assert measured["sharded"]["loss"] < 1e-6
+  assert measured["sharded"]["grads"] < 1e-4
+  assert measured["sharded"]["batch_stats"] < 1e-5
+
+
+def test_per_device_step_equals_averaged_per_shard_computation(measured):
+  assert measured["per_device"]["loss"] < 1e-6
+  assert measured["per_device"]["grads"] < 1e-4
+  assert measured["per_device"]["batch_stats"] < 1e-5
+  assert measured["per_device"]["differs_from_sharded"] > 1e-3  # BatchNorm statistics per device
+
+
+def test_indivisible_global_batch_is_a_clear_error(measured):
+  assert measured["indivisible_error"] == (
+      "global batch size 12 is not divisible by the 8 devices; use a multiple of 8")
+
+
+def test_checkpoint_saved_on_8_devices_evaluates_on_1_and_2(tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = ["--config=configs/quickstart.py", f"--workdir={workdir}", "--config.model.stem_channels=8",
+           "--config.model.base_channels=8", "--config.train.max_steps=6",
+           "--config.train.progress=False", "--config.train.plot=False"]
+  trained = run(["-m", "bnn_jax.train", *flags], 8)
+  assert "8 cpu device(s)" in trained
+  results = [json.loads(run(["-m", "bnn_jax.evaluate", *flags[:5], "--json"], n).splitlines()[-1])
+             for n in (1, 2)]
+  assert results[0] == results[1]
+  assert results[0]["step"] == 6 and results[0]["num_examples"] == 360
+  final = next(line for line in trained.splitlines() if line.startswith("final:"))
+  assert f"eval top-1 {results[0]['top1']:.2%}" in final
