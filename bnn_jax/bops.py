@@ -24,7 +24,6 @@ import dataclasses
 import enum
 import json
 import math
-import sys
 from typing import Any, Callable, Dict, FrozenSet, List, Sequence
 
 import jax
@@ -32,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from bnn_jax.errors import ConfigError
 
 
 class Precision(enum.Enum):
@@ -349,38 +347,28 @@ def plot(report: Report, path: str) -> None:
 
 
 def main():
-  from absl import app, flags, logging
-  from ml_collections import config_flags
+  from absl import flags
 
+  from bnn_jax import cli
   from bnn_jax.models import build_model
 
-  config = config_flags.DEFINE_config_file("config", None, "A config file; its model is analysed.",
-                                           lock_config=True)
+  config = cli.config_flag("A config file; its model is analysed.")
   shape = flags.DEFINE_integer("shape", None, "Input height and width (default: the config's).")
   as_json = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
   plot_path = flags.DEFINE_string("plot", None, "Write a per-layer bar chart to this PNG.")
 
-  def run(argv):
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if config.value is None:
-      raise app.UsageError("--config is required")
-    cfg = config.value
-    size = shape.value or cfg.dataset.image_size
-    try:
-      report = analyze_model(build_model(cfg.model), (1, size, size, len(cfg.dataset.mean)))
-    except ConfigError as error:
-      print(f"error: {error}", file=sys.stderr)
-      sys.exit(1)
+  def body():
+    size = shape.value or config.value.dataset.image_size
+    report = analyze_model(build_model(config.value.model),
+                           (1, size, size, len(config.value.dataset.mean)))
     if plot_path.value:
       plot(report, plot_path.value)
     if as_json.value:
       print(json.dumps(report.as_dict()))
     else:
-      print(format_report(report, f"{cfg.model.arch} at {size}x{size}"))
+      print(format_report(report, f"{config.value.model.arch} at {size}x{size}"))
 
-  app.run(run)
+  cli.run(body, required=(config,))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ PyTorch key of each leaf, and transpose kernels (OIHW -> HWIO, (out, in) ->
 from __future__ import annotations
 
 import pickle
-import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -164,31 +163,22 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any
 
 
 def main():
-  from absl import app, flags, logging
-  from ml_collections import config_flags
+  from absl import flags
 
-  config = config_flags.DEFINE_config_file("config", None, "Config of the model the checkpoint holds.",
-                                           lock_config=True)
+  from bnn_jax import cli
+
+  config = cli.config_flag("Config of the model the checkpoint holds.")
   torch_checkpoint = flags.DEFINE_string("torch-checkpoint", None,
                                          "A .pth (mmcls or torchvision) or .npz state dict.")
   out = flags.DEFINE_string("out", None, "Directory for the Orbax checkpoint (a workdir).")
 
-  def run(argv):
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if None in (config.value, torch_checkpoint.value, out.value):
-      raise app.UsageError("--config, --torch-checkpoint and --out are required")
-    try:
-      variables = convert_checkpoint(config.value, torch_checkpoint.value, out.value)
-    except (ConfigError, FileNotFoundError) as error:
-      print(f"error: {error}", file=sys.stderr)
-      sys.exit(1)
+  def body():
+    variables = convert_checkpoint(config.value, torch_checkpoint.value, out.value)
     count = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables["params"]))
     print(f"converted {torch_checkpoint.value}: {count:,} parameters of {config.value.model.arch} "
           f"-> {out.value}/checkpoints/0")
 
-  app.run(run)
+  cli.run(body, required=(config, torch_checkpoint, out), errors=(ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":

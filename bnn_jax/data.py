@@ -31,7 +31,6 @@ tf = None
 def _tf():
   global tf
   if tf is None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     import tensorflow
     tensorflow.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
     tf = tensorflow

@@ -7,15 +7,12 @@ devices this process sees. ``--json`` prints one JSON object as the last line.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from bnn_jax import parallel
+from bnn_jax import cli, parallel
 from bnn_jax.checkpoint import Checkpoints
-from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.step import TrainState
 
@@ -32,30 +29,21 @@ def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
 
 
 def main():
-  config = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+  config = cli.config_flag("The run's config file.")
   workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
   step = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
   as_json = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
-  def run(argv):
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if config.value is None or workdir.value is None:
-      raise app.UsageError("--config and --workdir are required")
-    try:
-      parallel.initialize_distributed(config.value.parallel)
-      metrics = evaluate_checkpoint(config.value, workdir.value, step.value)
-    except ConfigError as error:
-      print(f"error: {error}", file=sys.stderr)
-      sys.exit(1)
+  def body():
+    parallel.initialize_distributed(config.value.parallel)
+    metrics = evaluate_checkpoint(config.value, workdir.value, step.value)
     print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
           f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s))")
     if as_json.value:
       print(json.dumps(metrics))
 
-  app.run(run)
+  cli.run(body, required=(config, workdir))
 
 
 if __name__ == "__main__":

@@ -69,16 +69,30 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
   section[leaf] = value
 
 
+def _for_stage(assignment: str, stage: str, stages: Sequence[str]) -> Optional[str]:
+  """``"a.b=v"`` applies to every stage, ``"step1:a.b=v"`` to stage ``step1`` only."""
+  key = assignment.partition("=")[0]
+  if ":" not in key:
+    return assignment
+  target, _, rest = assignment.partition(":")
+  if target not in stages:
+    raise ConfigError(f"override {assignment!r} names no stage of this recipe; stages: {list(stages)}")
+  return rest if target == stage else None
+
+
 def stage_configs(recipe: str, workdir: str, overrides: Sequence[str] = ()
                   ) -> List[tuple]:
-  """[(stage, its workdir, its config)] of ``recipe`` under ``workdir``, overrides applied to each."""
+  """[(stage, its workdir, its config)] of ``recipe`` under ``workdir``, overrides applied."""
   if recipe not in RECIPES:
     raise ConfigError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+  names = [stage.name for stage in RECIPES[recipe]]
   planned = []
   for stage in RECIPES[recipe]:
     config = load_config(stage.config)
     for assignment in (*stage.overrides, *overrides):
-      apply_override(config, assignment)
+      assignment = _for_stage(assignment, stage.name, names)
+      if assignment is not None:
+        apply_override(config, assignment)
     if stage.load_from:
       config.train.load_from = os.path.join(workdir, stage.load_from)
     if stage.teacher:

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from bnn_jax import data, parallel, step
+from bnn_jax import cli, data, parallel, step
 from bnn_jax.checkpoint import CheckpointError, Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment, partial_load
@@ -182,24 +180,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def main():
-  config = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
-                                           lock_config=True)
+  config = cli.config_flag("Training config file (get_config()).")
   workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 
-  def run(argv):
-    logging.set_verbosity(logging.WARNING)  # our lines and the progress bar, not JAX's start-up chatter
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if config.value is None or workdir.value is None:
-      raise app.UsageError("--config and --workdir are required")
-    try:
-      parallel.initialize_distributed(config.value.parallel)
-      train_and_evaluate(config.value, workdir.value)
-    except (ConfigError, NonFiniteLoss) as error:
-      print(f"error: {error}", file=sys.stderr)
-      sys.exit(1)
+  def body():
+    parallel.initialize_distributed(config.value.parallel)
+    train_and_evaluate(config.value, workdir.value)
 
-  app.run(run)
+  cli.run(body, required=(config, workdir), errors=(ConfigError, NonFiniteLoss))
 
 
 if __name__ == "__main__":

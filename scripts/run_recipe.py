@@ -3,7 +3,8 @@
     python scripts/run_recipe.py real_to_binary --workdir workdirs/real_to_binary
     python scripts/run_recipe.py digits_kd --workdir /tmp/digits-kd --set train.epochs=5
 
---set a.b=value overrides a field in every stage's config (repeatable). Prints each stage's
+--set a.b=value overrides a field in every stage's config, --set step1:a.b=value in one stage
+only (repeatable). Prints each stage's
 final top-1 at the end and, with --json, one JSON object {stage: metrics} as the last line.
 """
 import argparse
@@ -22,7 +23,7 @@ def main():
   parser.add_argument("recipe", choices=sorted(RECIPES))
   parser.add_argument("--workdir", required=True, help="parent workdir; one sub-directory per stage")
   parser.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
-                      help="override a config field in every stage")
+                      help="override a config field in every stage (STAGE:A.B=VALUE: in one)")
   parser.add_argument("--json", action="store_true", help="print {stage: metrics} as JSON last")
   args = parser.parse_args()
   try:

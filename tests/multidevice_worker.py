@@ -4,7 +4,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh

@@ -12,7 +12,7 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.losses import attention_map, attention_transfer, distribution_loss
 from bnn_jax.models import build_model
-from bnn_jax.recipes import apply_override, run_recipe
+from bnn_jax.recipes import apply_override, run_recipe, stage_configs
 
 from helpers import load_config, shrink
 
@@ -129,9 +129,13 @@ def test_digits_recipe_runs_teacher_then_two_distilled_steps(tmp_path):
   assert again["step2"]["top1"] == pytest.approx(results["step2"]["top1"])
 
 
-def test_override_errors_name_the_field():
-  config = load_config("quickstart")
-  apply_override(config, "train.epochs=3")
-  assert config.train.epochs == 3
+def test_overrides_apply_to_every_stage_or_one_and_name_bad_fields(tmp_path):
+  planned = stage_configs("digits_kd", str(tmp_path), ["train.epochs=3", "step1:loss.temperature=4.0"])
+  assert [config.train.epochs for _, _, config in planned] == [3, 3, 3]
+  assert [config.loss.temperature for _, _, config in planned] == [1.0, 4.0, 1.0]
+  assert planned[2][2].train.load_from == str(tmp_path / "step1")
+  assert planned[2][2].teacher.checkpoint == str(tmp_path / "teacher")
   with pytest.raises(ConfigError, match="no field 'epoch'"):
-    apply_override(config, "train.epoch=3")
+    apply_override(load_config("quickstart"), "train.epoch=3")
+  with pytest.raises(ConfigError, match="names no stage"):
+    stage_configs("digits_kd", str(tmp_path), ["step3:train.epochs=3"])
