@@ -29,7 +29,7 @@ class Stage:
 
 
 # The digits student trained on labels alone, for comparison with digits_kd under the same budget.
-_NO_KD = ("loss.only_kd=False", "loss.kd_weight=0.0", "teacher.checkpoint=''")
+_NO_KD = ("loss.kd_weight=0.0", "teacher.checkpoint=''")
 
 RECIPES: Dict[str, List[Stage]] = {
     "reactnet_r18": [Stage("step1", "reactnet_r18_step1"),

@@ -1,5 +1,9 @@
 """Knowledge distillation end to end on the embedded digits (offline, CPU): a real ResNet-18
-teacher, then ReActNet-18's two steps, each distilled from it with ReActNet's loss.
+teacher, then ReActNet-18's two steps, each distilled from it.
+
+The objective is Hinton's, CE + KD at temperature 4: on these 1,437 images ReActNet's KD alone
+(only_kd, T = 1) ended below the same student trained on labels (92.50% vs 95.28% top-1,
+seed 166), while CE + KD at T = 4 did not (README: "Knowledge distillation").
 
     python scripts/run_recipe.py digits_kd --workdir /tmp/digits-kd
 
@@ -29,7 +33,7 @@ def get_config(stage="step1"):
     c.train.epochs = 10
     return c
   c.model.update(arch="ReActNet-18", binary_type=(True, stage == "step2"), **LAYOUT)
-  c.loss.update(only_kd=True, kd_weight=1.0)
+  c.loss.update(ce_weight=1.0, kd_weight=1.0, temperature=4.0)
   c.teacher.model.update(**TEACHER)
   c.teacher.checkpoint = "workdirs/digits_kd/teacher"
   if stage == "step2":
