@@ -130,9 +130,9 @@ def test_digits_recipe_runs_teacher_then_two_distilled_steps(tmp_path):
 
 
 def test_overrides_apply_to_every_stage_or_one_and_name_bad_fields(tmp_path):
-  planned = stage_configs("digits_kd", str(tmp_path), ["train.epochs=3", "step1:loss.temperature=4.0"])
+  planned = stage_configs("digits_kd", str(tmp_path), ["train.epochs=3", "step1:loss.temperature=2.0"])
   assert [config.train.epochs for _, _, config in planned] == [3, 3, 3]
-  assert [config.loss.temperature for _, _, config in planned] == [1.0, 4.0, 1.0]
+  assert [config.loss.temperature for _, _, config in planned] == [1.0, 2.0, 4.0]
   assert planned[2][2].train.load_from == str(tmp_path / "step1")
   assert planned[2][2].teacher.checkpoint == str(tmp_path / "teacher")
   with pytest.raises(ConfigError, match="no field 'epoch'"):
