@@ -1,7 +1,9 @@
 """Data parallelism on 8 simulated CPU devices (each case in a subprocess: XLA_FLAGS must be set
-before JAX starts): sharded = 1 device, per-device = DDP by hand, checkpoints across topologies."""
+before JAX starts): sharded = 1 device, per-device = DDP by hand, checkpoints across topologies,
+and two processes through jax.distributed."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -51,7 +53,39 @@ def test_checkpoint_saved_on_8_devices_evaluates_on_1_and_2(tmp_path):
   assert "8 cpu device(s)" in trained
   results = [json.loads(run(["-m", "bnn_jax.evaluate", *flags[:5], "--json"], n).splitlines()[-1])
              for n in (1, 2)]
-  assert results[0] == results[1]
+  for key in ("top1", "top5", "num_examples", "step"):
+    assert results[0][key] == results[1][key]
+  assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)  # summation order
   assert results[0]["step"] == 6 and results[0]["num_examples"] == 360
   final = next(line for line in trained.splitlines() if line.startswith("final:"))
   assert f"eval top-1 {results[0]['top1']:.2%}" in final
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_only_process_0_reports(tmp_path):
+  """Multi-host on one machine: 2 processes × 2 CPU devices through jax.distributed (gloo)."""
+  workdir = str(tmp_path / "run")
+  common = ["--config=configs/quickstart.py", f"--workdir={workdir}", "--config.model.stem_channels=8",
+            "--config.model.base_channels=8"]
+  flags = common + ["--config.train.max_steps=4", "--config.train.progress=False",
+                    "--config.train.plot=False", "--config.parallel.distributed=True",
+                    f"--config.parallel.coordinator_address=localhost:{free_port()}",
+                    "--config.parallel.num_processes=2"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", PYTHONPATH=str(REPO))
+  processes = [subprocess.Popen([sys.executable, "-m", "bnn_jax.train", *flags,
+                                 f"--config.parallel.process_id={i}"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  assert "4 cpu device(s) in 2 process(es)" in outputs[0][0]
+  assert "final:" in outputs[0][0] and "final:" not in outputs[1][0]  # process 0 alone reports
+  evaluated = json.loads(run(["-m", "bnn_jax.evaluate", *common, "--json"], 1).splitlines()[-1])
+  assert evaluated["step"] == 4 and evaluated["num_examples"] == 360
+  final = next(line for line in outputs[0][0].splitlines() if line.startswith("final:"))
+  assert f"eval top-1 {evaluated['top1']:.2%}" in final
