@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import json
 import math
-from typing import Any, Callable, Dict, FrozenSet, List, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ class Value:
   """What the walk knows of one jaxpr variable."""
   precision: Precision
   source_size: int  # elements before the last broadcast: a per-channel scale is smaller than its target
-  params: FrozenSet[int] = frozenset()  # parameter leaves it is computed from (None: depends on the input)
+  params: FrozenSet[int] = frozenset()  # parameter leaves it is computed from (empty once from_input)
   from_input: bool = False
 
 
@@ -178,6 +178,15 @@ class _Walker:
       env.update(zip(eqn.outvars, outputs))
     return [self.read(env, v) for v in jaxpr.outvars]
 
+  def walk_apart(self, jaxpr, inputs, consts, prefix, repeat) -> Tuple[List[Layer], List[Value]]:
+    """(the layers it counts, its outputs) of a sub-jaxpr, without adding them to the report."""
+    outer, self.layers = self.layers, []
+    try:
+      outputs = self.walk(jaxpr, inputs, consts, prefix, repeat)
+      return self.layers, outputs
+    finally:
+      self.layers = outer
+
   def equation(self, eqn, args: List[Value], name: str, repeat: int) -> List[Value]:
     prim = eqn.primitive.name
     out_avals = [v.aval for v in eqn.outvars]
@@ -190,17 +199,12 @@ class _Walker:
 
     subs = _sub_jaxprs(eqn)
     if subs:
-      # Each branch of a cond is walked on its own and the costliest kept; other calls have one.
-      best, best_macs, results = [], -1, None
-      for sub, consts, times in subs:
-        before = self.layers
-        self.layers = []
-        outs = self.walk(sub, args[len(args) - len(sub.invars):], consts,
-                         name + "/" if name else "", repeat * times)
-        macs = sum(layer.macs for layer in self.layers)
-        if macs > best_macs:
-          best, best_macs, results = self.layers, macs, outs
-        self.layers = before + best if sub is subs[-1][0] else before
+      # A cond runs one of its branches: keep the costliest. Other calls have one sub-jaxpr.
+      walked = [self.walk_apart(sub, args[len(args) - len(sub.invars):], consts,
+                                name + "/" if name else "", repeat * times)
+                for sub, consts, times in subs]
+      layers, results = max(walked, key=lambda w: sum(layer.macs for layer in w[0]))
+      self.layers.extend(layers)
       if len(results) == len(out_avals):
         return results
       return [value(Precision.REAL, aval=a) for a in out_avals]
