@@ -20,10 +20,8 @@ def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
   """Eval metrics of a checkpoint: top1, top5 (fractions), loss, num_examples, step."""
   experiment = Experiment.from_config(config)
   checkpoints = Checkpoints(workdir, read_only=True)
-  template = experiment.variables_template()
   variables, meta = checkpoints.restore_variables(
-      {"params": template["params"], "batch_stats": template.get("batch_stats", {})},
-      parallel.replicated(experiment.mesh), step)
+      experiment.variables_template(), parallel.replicated(experiment.mesh), step)
   state = TrainState(jax.numpy.asarray(meta["step"]), variables["params"], variables["batch_stats"], None)
   return experiment.evaluate(state) | {"step": int(meta["step"])}
 

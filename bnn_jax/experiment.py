@@ -46,10 +46,13 @@ class Experiment:
   def source(self, split: str) -> data.Source:
     return data.open_source(self.config.dataset, split, jax.process_index(), jax.process_count())
 
-  def variables_template(self) -> Dict[str, Any]:
-    """Shapes of params and batch_stats, computed without running the model."""
-    return jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(self.input_shape),
-                                                  train=False))
+  def variables_template(self, model=None) -> Dict[str, Any]:
+    """Shapes of ``params`` and ``batch_stats`` (``{}`` for a model without) of ``model`` (default:
+    the run's) on this config's inputs, computed without running it."""
+    model = model or self.model
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(self.input_shape),
+                                                 train=False))
+    return {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
 
   def make_optimizer(self, steps_per_epoch: int, total_steps: int):
     """(tx, lr schedule) for this run's length."""
@@ -58,7 +61,7 @@ class Experiment:
       schedule_config.lr = self.config.optimizer.lr
     lr = make_lr_schedule(schedule_config, steps_per_epoch, total_steps)
     template = self.variables_template()
-    tx = make_optimizer(self.config.optimizer, lr, template["params"], template.get("batch_stats", {}))
+    tx = make_optimizer(self.config.optimizer, lr, template["params"], template["batch_stats"])
     return tx, lr
 
   def make_ede(self, steps_per_epoch: int, epochs: int):
@@ -87,13 +90,11 @@ class Experiment:
       raise ConfigError("loss.kd_weight / loss.at_weight need teacher.checkpoint: an Orbax workdir "
                         "or a .pth / .npz state dict of teacher.model")
     model = build_model(teacher.model)
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(self.input_shape),
-                                                 train=False))
+    template = self.variables_template(model)
     sharding = parallel.replicated(self.mesh)
     if os.path.isdir(teacher.checkpoint):
       variables, meta = Checkpoints(teacher.checkpoint, read_only=True).restore_variables(
-          {"params": template["params"], "batch_stats": template.get("batch_stats", {})}, sharding,
-          teacher.step)
+          template, sharding, teacher.step)
       step_restored = meta.get("step")
     elif os.path.isfile(teacher.checkpoint):
       variables = jax.device_put(torch_to_flax(load_state_dict(teacher.checkpoint), template), sharding)

@@ -29,9 +29,8 @@ def fixture_config():
 
 def eval_logits_of_converted(config, workdir):
   experiment = Experiment.from_config(config)
-  template = experiment.variables_template()
   variables, meta = Checkpoints(workdir, read_only=True).restore_variables(
-      {"params": template["params"], "batch_stats": template["batch_stats"]}, None)
+      experiment.variables_template(), None)
   with np.load(PARITY_DIR / f"{FIXTURE}.npz") as fixture:
     images, expected = fixture["input_nchw"].transpose(0, 2, 3, 1), fixture["logits_eval"]
   return experiment.model.apply(variables, jnp.asarray(images), train=False), expected, meta
