@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
+from bnn_jax.models import abstract_variables
+
 
 
 class Precision(enum.Enum):
@@ -291,8 +293,7 @@ def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],
 
 def analyze_model(model, input_shape: Sequence[int]) -> Report:
   """:func:`analyze` of a Flax classifier in eval mode, from shapes alone."""
-  images = jnp.zeros((1, *tuple(input_shape)[1:]), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+  variables = abstract_variables(model, (1, *tuple(input_shape)[1:]))
   return analyze(lambda v, x: model.apply(v, x, train=False), variables, input_shape)
 
 

@@ -149,10 +149,11 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any
   import json
 
   from bnn_jax.checkpoint import Checkpoints
-  from bnn_jax.experiment import Experiment
+  from bnn_jax.data import input_shape
+  from bnn_jax.models import abstract_variables, build_model
 
-  experiment = Experiment.from_config(config)
-  variables = torch_to_flax(load_state_dict(torch_checkpoint), experiment.variables_template())
+  template = abstract_variables(build_model(config.model), input_shape(config.dataset))
+  variables = torch_to_flax(load_state_dict(torch_checkpoint), template)
   state = {"step": np.zeros((), np.int32), "params": variables["params"],
            "batch_stats": variables.get("batch_stats", {})}
   checkpoints = Checkpoints(out, max_to_keep=None)

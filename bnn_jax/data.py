@@ -56,6 +56,11 @@ class Source:
   process_examples: int  # in this process's shard
 
 
+def input_shape(config) -> Tuple[int, int, int, int]:
+  """The shape of one input batch of the ``dataset`` section ``config``, batch 1 (NHWC)."""
+  return (1, config.image_size, config.image_size, len(config.mean))
+
+
 # --- Sources -----------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.convert import load_state_dict, torch_to_flax
 from bnn_jax.ede import ede_schedule
 from bnn_jax.errors import ConfigError
-from bnn_jax.models import build_model
+from bnn_jax.models import abstract_variables, build_model
 from bnn_jax.optim import make_lr_schedule, make_optimizer
 
 
@@ -35,8 +35,7 @@ class Experiment:
 
   @property
   def input_shape(self):
-    size = self.config.dataset.image_size
-    return (1, size, size, len(self.config.dataset.mean))
+    return data.input_shape(self.config.dataset)
 
   @property
   def eval_batch_size(self) -> int:
@@ -49,10 +48,7 @@ class Experiment:
   def variables_template(self, model=None) -> Dict[str, Any]:
     """Shapes of ``params`` and ``batch_stats`` (``{}`` for a model without) of ``model`` (default:
     the run's) on this config's inputs, computed without running it."""
-    model = model or self.model
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(self.input_shape),
-                                                 train=False))
-    return {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
+    return abstract_variables(model or self.model, self.input_shape)
 
   def make_optimizer(self, steps_per_epoch: int, total_steps: int):
     """(tx, lr schedule) for this run's length."""

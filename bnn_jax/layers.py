@@ -22,10 +22,65 @@ Dtype = Any
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+class BatchNorm(nn.Module):
+  """PyTorch's BatchNorm (eps 1e-5, momentum 0.1 in PyTorch's convention), with ghost batches.
+
+  In training, statistics come from groups of ``group_size`` consecutive examples (``None``:
+  the whole batch), as PyTorch DDP without SyncBN normalises each GPU's batch on its own: a
+  recipe then sees the statistics of the original's per-GPU batch on any number of devices.
+  The running statistics move by the average of the groups' updates, the variance's with the
+  unbiased batch variance, as PyTorch's. Statistics are computed in at least float32.
+  Variables keep Flax's names (``scale``, ``bias``; ``mean``, ``var``).
+  """
+  use_running_average: bool
+  group_size: Optional[int] = None
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.astype(compute)
+    if self.use_running_average:
+      mean, var = running_mean.value.astype(compute), running_var.value.astype(compute)
+      y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      groups = ghost_groups(x, self.group_size)
+      axes = tuple(range(1, groups.ndim - 1))  # each group's examples and positions
+      mean = groups.mean(axes, keepdims=True)
+      var = jnp.square(groups - mean).mean(axes, keepdims=True)
+      y = ((groups - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        count = groups[0, ..., 0].size
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        running_mean.value = ((1 - m) * running_mean.value
+                              + m * mean.mean(0).reshape(features).astype(jnp.float32))
+        running_var.value = ((1 - m) * running_var.value
+                             + m * unbiased.mean(0).reshape(features).astype(jnp.float32))
+    return (y * scale.astype(compute) + bias.astype(compute)).astype(self.dtype)
+
+
+def ghost_groups(x: jax.Array, group_size: Optional[int]) -> jax.Array:
+  """``x`` (batch first) as (groups, group_size, ...); one group when ``group_size`` is None."""
+  batch = x.shape[0]
+  size = group_size or batch
+  if batch % size:
+    raise ConfigError(f"a batch of {batch} examples does not split into BatchNorm groups of "
+                      f"{size} (model.bn_group_size); use a batch (per device) that is a multiple")
+  return x.reshape((batch // size, size) + x.shape[1:])
+
+
+def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32,
+               group_size: Optional[int] = None) -> BatchNorm:
+  """BatchNorm with PyTorch's defaults, batch statistics in training (of ghost groups if set)."""
+  return BatchNorm(use_running_average=not train, group_size=group_size, dtype=dtype, name=name)
 
 
 class BinaryConv(nn.Module):
@@ -82,7 +137,9 @@ class PReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     slope = self.param("weight", nn.initializers.constant(0.25), (x.shape[-1],)).astype(x.dtype)
-    return jnp.where(x >= 0, x, slope * x)
+    # x > 0, not >= 0: at exactly 0 the derivative is the slope, as PyTorch's (binary
+    # convolutions without a weight scale give integer outputs, so exact zeros are common).
+    return jnp.where(x > 0, x, slope * x)
 
 
 class RPReLU(nn.Module):
@@ -132,12 +189,43 @@ def avg_pool_ceil(x: jax.Array, window: int) -> jax.Array:
   return nn.avg_pool(x, (window, window), (window, window), padding=pads, count_include_pad=False)
 
 
+def hardtanh(x: jax.Array) -> jax.Array:
+  """clip(x, −1, 1) whose derivative is 0 at ±1 exactly, as PyTorch's Hardtanh (jnp.clip gives ½)."""
+  return jnp.where(x <= -1, -1, jnp.where(x >= 1, 1, x)).astype(x.dtype)
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+  """The 3×3 windows of a stride-2, padding-1 max-pool: (N, H', W', C, 9), padding −inf."""
+  h, w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return jnp.stack([padded[:, i:i + 2 * h - 1:2, j:j + 2 * w - 1:2, :]
+                    for i in range(3) for j in range(3)], axis=-1)
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """PyTorch's MaxPool2d(3, 2, padding=1): the ResNet stem pool."""
+  """PyTorch's MaxPool2d(3, 2, padding=1), the ResNet stem pool.
+
+  Its gradient goes to the first maximum of each window in row-major order, as PyTorch's;
+  ties are common after a hardtanh stem (IR-Net), where XLA leaves the choice unspecified.
+  """
   return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
 
-ACTIVATIONS = {"hardtanh": lambda: lambda x: jnp.clip(x, -1, 1),
+def _max_pool_fwd(x):
+  return max_pool_3x3_s2(x), x
+
+
+def _max_pool_bwd(x, g):
+  windows, to_input = jax.vjp(_pool_windows, x)
+  first = jax.nn.one_hot(jnp.argmax(windows, axis=-1), windows.shape[-1], dtype=g.dtype)
+  return to_input(first * g[..., None])
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+ACTIVATIONS = {"hardtanh": lambda: hardtanh,
                "relu": lambda: nn.relu,
                "prelu": lambda: PReLU(name="stem_act")}
 

@@ -33,18 +33,24 @@ def distribution_loss(student_logits: jax.Array, teacher_logits: jax.Array,
 
 
 def attention_map(features: jax.Array) -> jax.Array:
-  """Q = mean over channels of A², flattened per example and divided by its maximum (NHWC in)."""
+  """Q = mean over channels of A², flattened per example and divided by its maximum (NHWC in).
+
+  The maximum's gradient goes to its first position, as PyTorch's ``max(dim)`` (jnp.max would
+  share it among ties).
+  """
   q = jnp.mean(jnp.square(features.astype(jnp.float32)), axis=-1).reshape(features.shape[0], -1)
-  return q / jnp.max(q, axis=-1, keepdims=True)
+  peak = jnp.take_along_axis(q, jnp.argmax(q, axis=-1)[:, None], axis=-1)
+  return q / peak
 
 
 def attention_transfer(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array]) -> jax.Array:
-  """Real-to-Binary's attention loss: per example, the MSE between the student's and the teacher's
-  attention maps, summed over the compared feature maps (teacher side stop-gradient)."""
+  """Real-to-Binary's attention loss, per example: the MSE between the student's and the
+  teacher's attention maps, averaged over the compared feature maps (teacher side
+  stop-gradient). Its batch mean is the original's mean over blocks and examples."""
   losses = [jnp.mean(jnp.square(attention_map(student[name])
                                 - jax.lax.stop_gradient(attention_map(teacher[name]))), axis=-1)
             for name in student]
-  return sum(losses)
+  return sum(losses) / len(losses)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

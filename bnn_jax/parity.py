@@ -19,7 +19,7 @@ import optax
 
 from bnn_jax.binarize import EDE
 from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax
-from bnn_jax.models import build_model
+from bnn_jax.models import abstract_variables, build_model
 
 OUTPUT_RTOL = 1e-4  # logits, loss, running means
 GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-6  # ||Δ|| <= rtol·||g_ref|| + atol, per gradient tensor
@@ -66,7 +66,7 @@ def check_fixture(npz_path: str) -> ParityReport:
   ede = EDE(jnp.float32(original["ede"]["k"]), jnp.float32(original["ede"]["t"])) if (
       "ede" in original) else EDE.initial()
 
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+  template = abstract_variables(model, images.shape)
   state_dict = {k[len("state_dict/"):]: v for k, v in fixture.items() if k.startswith("state_dict/")}
   variables = torch_to_flax(state_dict, template)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -86,12 +86,13 @@ def check_fixture(npz_path: str) -> ParityReport:
       "logits_train": relative_error(logits_train, fixture["logits_train"]),
       "loss": relative_error(loss, fixture["loss_train"]),
   }
-  means = [(torch_key(tuple(p.key for p in path)), v) for path, v in
-           jax.tree_util.tree_flatten_with_path(new_stats)[0] if path[-1].key == "mean"]
-  if means:
-    ours = np.concatenate([np.ravel(v) for _, v in means])
-    ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k, _ in means])
-    outputs["running_mean_after_step"] = relative_error(ours, ref)
+  for stat in ("mean", "var"):  # both as PyTorch updates them (the variance unbiased)
+    stats = [(torch_key(tuple(p.key for p in path)), v) for path, v in
+             jax.tree_util.tree_flatten_with_path(new_stats)[0] if path[-1].key == stat]
+    if stats:
+      ours = np.concatenate([np.ravel(v) for _, v in stats])
+      ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k, _ in stats])
+      outputs[f"running_{stat}_after_step"] = relative_error(ours, ref)
 
   grad_ref = torch_to_flax({k[len("grad/"):]: v for k, v in fixture.items() if k.startswith("grad/")},
                            {"params": template["params"]})["params"]

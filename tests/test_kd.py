@@ -37,9 +37,14 @@ def test_attention_loss_by_hand():
   student = jnp.array([[[[1.0, 3.0], [2.0, 0.0]]]])
   np.testing.assert_allclose(attention_map(student), [[1.0, 0.4]], rtol=1e-6)  # / max 5
   teacher = jnp.array([[[[2.0, 0.0], [2.0, 0.0]]]])  # means 2, 2 -> (1, 1)
-  # MSE over positions: ((1 − 1)² + (0.4 − 1)²) / 2 = 0.18, per compared map, summed.
+  # MSE over positions: ((1 − 1)² + (0.4 − 1)²) / 2 = 0.18 per compared map; the original
+  # averages over maps (torch.mean of the stacked per-block losses), so two maps give 0.18, and
+  # a third map with zero loss gives 0.12, not the sum 0.36.
   loss = attention_transfer({"a": student, "b": student}, {"a": teacher, "b": teacher})
-  np.testing.assert_allclose(loss, [0.36], rtol=1e-6)
+  np.testing.assert_allclose(loss, [0.18], rtol=1e-6)
+  loss = attention_transfer({"a": student, "b": student, "c": teacher},
+                            {"a": teacher, "b": teacher, "c": teacher})
+  np.testing.assert_allclose(loss, [0.12], rtol=1e-6)
   grad_teacher = jax.grad(lambda t: attention_transfer({"a": student}, {"a": t}).sum())(teacher)
   assert not np.any(grad_teacher)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from bnn_jax.errors import ConfigError
@@ -11,7 +12,7 @@ from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RE
                                      ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
 
-__all__ = ["build_model", "block_outputs", "Classifier", "ResArch", "MobileArch", "RES_ARCHS",
+__all__ = ["build_model", "abstract_variables", "block_outputs", "Classifier", "ResArch", "MobileArch", "RES_ARCHS",
            "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
 
 _CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
@@ -28,8 +29,8 @@ def build_model(config: Mapping[str, Any]) -> Classifier:
 
   Keys: ``backbone`` (ResArch | MobileArch), ``num_classes``, ``neck``
   (gap | gap_bn), ``dtype`` (the compute dtype), and the backbone's own fields
-  (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``, …); an option
-  set to ``None`` takes the backbone's default.
+  (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``, ``bn_group_size``, …);
+  an option set to ``None`` takes the backbone's default.
   """
   options = dict(config.to_dict() if hasattr(config, "to_dict") else config)
   options = {k: v for k, v in options.items() if v is not None}  # None: the backbone's default
@@ -49,8 +50,21 @@ def build_model(config: Mapping[str, Any]) -> Classifier:
   if unknown:
     raise ConfigError(f"unknown model option(s) {unknown} for {backbone_name}; valid: "
                       f"{sorted(fields | set(_CLASSIFIER_KEYS))}")
+  group = options.get("bn_group_size")
+  if group is not None and group < 2:
+    raise ConfigError(f"model.bn_group_size must be at least 2 (or None for the whole batch), "
+                      f"not {group}")
   backbone = backbone_cls(**{k: _as_tuples(v) for k, v in options.items()}, dtype=dtype)
-  return Classifier(backbone=backbone, num_classes=num_classes, neck=neck, dtype=dtype)
+  return Classifier(backbone=backbone, num_classes=num_classes, neck=neck, bn_group_size=group,
+                    dtype=dtype)
+
+
+def abstract_variables(model: Classifier, input_shape) -> Dict[str, Any]:
+  """Shapes and dtypes of ``model``'s ``params`` and ``batch_stats`` (``{}`` when it has none)
+  for inputs of ``input_shape``, computed without running it."""
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
+                                               train=False))
+  return {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
 
 
 def block_outputs(collections: Mapping[str, Any]) -> Dict[str, Any]:

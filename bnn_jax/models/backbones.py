@@ -70,6 +70,7 @@ class ResArch(nn.Module):
   binary_type: Tuple[bool, bool] = (True, True)
   binarizers: Optional[Tuple[Optional[str], Optional[str]]] = None
   cifar_stem: bool = False
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -79,7 +80,7 @@ class ResArch(nn.Module):
       x = conv(self.stem_channels, 3, 1, "conv1", self.dtype)(x)
     else:
       x = conv(self.stem_channels, 7, 2, "conv1", self.dtype)(x)
-    x = make_activation(self.stem_act)(batch_norm(train, "bn1", self.dtype)(x))
+    x = make_activation(self.stem_act)(batch_norm(train, "bn1", self.dtype, self.bn_group_size)(x))
     if not self.cifar_stem:
       x = max_pool_3x3_s2(x)
     features = self.base_channels
@@ -89,7 +90,7 @@ class ResArch(nn.Module):
         x = block(features, strides=stride if first else 1,
                   downsample=first and (stride != 1 or x.shape[-1] != features),
                   avg_down=self.avg_down, binary_type=tuple(self.binary_type),
-                  binarizers=self.binarizers, dtype=self.dtype,
+                  binarizers=self.binarizers, bn_group_size=self.bn_group_size, dtype=self.dtype,
                   name=f"layer{stage + 1}.{index}")(x, train=train, ede=ede)
         sow_block_output(self, f"layer{stage + 1}.{index}", x)
       features *= 2
@@ -107,18 +108,21 @@ class MobileArch(nn.Module):
   binary_type: Tuple[bool, bool] = (True, True)
   binarizers: Optional[Tuple[Optional[str], Optional[str]]] = None
   cifar_stem: bool = False
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool, ede: Optional[EDE] = None):
     block, default_stages = _lookup(MOBILE_ARCHS, self.arch, "MobileArch")
-    stem = StemConv(self.stem_channels, 1 if self.cifar_stem else 2, self.dtype, name="conv1")
+    stem = StemConv(self.stem_channels, 1 if self.cifar_stem else 2, self.bn_group_size, self.dtype,
+                    name="conv1")
     x = make_activation(self.stem_act)(stem(x, train=train))
     for stage, (features, depth, stride) in enumerate(self.layers_cfg or default_stages):
       for index in range(depth):
         x = block(features, strides=stride if index == 0 else 1,
                   binary_type=tuple(self.binary_type), binarizers=self.binarizers,
-                  dtype=self.dtype, name=f"layer{stage + 1}.{index}")(x, train=train, ede=ede)
+                  bn_group_size=self.bn_group_size, dtype=self.dtype,
+                  name=f"layer{stage + 1}.{index}")(x, train=train, ede=ede)
         sow_block_output(self, f"layer{stage + 1}.{index}", x)
     return x
 
@@ -127,12 +131,13 @@ class StemConv(nn.Module):
   """mmcv's ConvModule without activation: 3×3 conv → BN (children ``conv``, ``bn``)."""
   features: int
   strides: int
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = conv(self.features, 3, self.strides, "conv", self.dtype)(x)
-    return batch_norm(train, "bn", self.dtype)(x)
+    return batch_norm(train, "bn", self.dtype, self.bn_group_size)(x)
 
 
 BACKBONES = {"ResArch": ResArch, "MobileArch": MobileArch}

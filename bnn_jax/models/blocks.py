@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from bnn_jax.binarize import EDE
 from bnn_jax.layers import (AttentionScale, BinaryConv, LearnableBias, LearnableScale, PReLU,
-                            RPReLU, avg_pool_ceil, batch_norm, conv)
+                            RPReLU, avg_pool_ceil, batch_norm, conv, hardtanh)
 
 Binarizers = Tuple[Optional[str], Optional[str]]
 
@@ -27,6 +27,7 @@ class Downsample(nn.Module):
   features: int
   strides: int
   avg_down: bool = False
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -35,14 +36,15 @@ class Downsample(nn.Module):
     if pool:
       x = avg_pool_ceil(x, self.strides)
     x = conv(self.features, 1, 1 if pool else self.strides, name=str(int(pool)), dtype=self.dtype)(x)
-    return batch_norm(train, str(int(pool) + 1), self.dtype)(x)
+    return batch_norm(train, str(int(pool) + 1), self.dtype, self.bn_group_size)(x)
 
 
 class ResBlock(nn.Module):
   """Fields and helpers shared by the ResNet-layout blocks (two 3×3 convs).
 
   ``binarizers`` is the pair (activations, weights) of binarizer names the
-  method uses; ``binary_type`` switches each half on or off.
+  method uses; ``binary_type`` switches each half on or off; ``bn_group_size`` is the
+  ghost-batch size of every BatchNorm (:class:`bnn_jax.layers.BatchNorm`).
   """
   features: int
   strides: int = 1
@@ -50,6 +52,7 @@ class ResBlock(nn.Module):
   avg_down: bool = False
   binary_type: Tuple[bool, bool] = (True, True)
   binarizers: Optional[Binarizers] = None
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   default_binarizers: ClassVar[Binarizers] = (None, None)
@@ -64,18 +67,14 @@ class ResBlock(nn.Module):
     return BinaryConv(features or self.features, kernel_size, strides, activation_binarizer=act,
                       weight_binarizer=weight, dtype=self.dtype, name=name)
 
-  def bn(self, train: bool, name: str) -> nn.BatchNorm:
-    return batch_norm(train, name, self.dtype)
+  def bn(self, train: bool, name: str) -> nn.Module:
+    return batch_norm(train, name, self.dtype, self.bn_group_size)
 
   def shortcut(self, x, train: bool):
     if not self.downsample:
       return x
-    return Downsample(self.features, self.strides, self.avg_down, self.dtype, name="downsample")(
-        x, train=train)
-
-
-def hardtanh(x):
-  return jnp.clip(x, -1.0, 1.0)
+    return Downsample(self.features, self.strides, self.avg_down, self.bn_group_size, self.dtype,
+                      name="downsample")(x, train=train)
 
 
 class IRNetBlock(ResBlock):

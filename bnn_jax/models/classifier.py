@@ -15,13 +15,14 @@ NECKS = ("gap", "gap_bn")
 class Neck(nn.Module):
   """Global average pooling, followed by BatchNorm1d for IR-Net's ``gap_bn``."""
   kind: str = "gap"
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = jnp.mean(x, axis=(1, 2))
     if self.kind == "gap_bn":
-      x = batch_norm(train, "bn", self.dtype)(x)
+      x = batch_norm(train, "bn", self.dtype, self.bn_group_size)(x)
     return x
 
 
@@ -44,10 +45,11 @@ class Classifier(nn.Module):
   backbone: nn.Module
   num_classes: int
   neck: str = "gap"
+  bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     x = self.backbone(images.astype(self.dtype), train=train, ede=ede)
-    x = Neck(self.neck, self.dtype, name="neck")(x, train=train)
+    x = Neck(self.neck, self.bn_group_size, self.dtype, name="neck")(x, train=train)
     return Head(self.num_classes, self.dtype, name="head")(x).astype(jnp.float32)
