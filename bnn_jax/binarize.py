@@ -38,6 +38,11 @@ def sign(x: jax.Array) -> jax.Array:
   return jnp.where(x >= 0, 1, -1).astype(x.dtype)
 
 
+def absolute(x: jax.Array) -> jax.Array:
+  """|x| whose derivative is 0 at x = 0, as torch.abs's (jnp.abs takes 1 there)."""
+  return x * jax.lax.stop_gradient(jnp.sign(x))
+
+
 # --- Sign estimators -------------------------------------------------------
 
 
@@ -110,14 +115,14 @@ def irnet_weight(w: jax.Array, ede: EDE) -> jax.Array:
   axes = tuple(range(w.ndim - 1))
   centred = w - jnp.mean(w, axis=axes, keepdims=True)
   standardised = centred / jnp.std(centred, axis=axes, keepdims=True, ddof=1)
-  scale = 2.0 ** jnp.round(jnp.log2(_per_out_channel_mean(jnp.abs(standardised))))
+  scale = 2.0 ** jnp.round(jnp.log2(_per_out_channel_mean(absolute(standardised))))
   return ede_sign(standardised, ede.k, ede.t) * jax.lax.stop_gradient(scale)
 
 
 def scaled_ste_sign(w: jax.Array, ede: EDE) -> jax.Array:
   """ReActNet / Bi-Real weights: clipped STE sign (c = 1) times detached mean|W| per output channel."""
   del ede
-  return ste_sign(w, 1.0) * jax.lax.stop_gradient(_per_out_channel_mean(jnp.abs(w)))
+  return ste_sign(w, 1.0) * jax.lax.stop_gradient(_per_out_channel_mean(absolute(w)))
 
 
 # --- Registry ----------------------------------------------------------------

@@ -19,9 +19,9 @@ from helpers import digits_config
 GLOBAL_BATCH = 16
 
 
-def small_experiment(devices, mode="sharded"):
+def small_experiment(devices, mode="sharded", bn_group_size=None):
   config = digits_config()
-  config.model.update(num_classes=10)
+  config.model.update(num_classes=10, bn_group_size=bn_group_size)
   config.dataset.update(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
   # Plain SGD with lr 1: the parameter change of one step is minus the gradient.
   config.optimizer.update(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0)
@@ -91,6 +91,17 @@ def main():
                           "loss": abs(loss_pd - loss_ref) / abs(loss_ref),
                           # per-device BatchNorm really differs from the global batch's
                           "differs_from_sharded": max_relative_difference(grads_pd, grads8)}
+  # Ghost BatchNorm: groups of 4 give the same step on 1 and on 8 devices (2 examples each, so a
+  # group spans two devices), and groups of 2 on 8 devices equal per-device BatchNorm (DDP).
+  _, grads_g1, stats_g1, loss_g1 = one_step(small_experiment(devices[:1], bn_group_size=4), batch)
+  _, grads_g8, stats_g8, loss_g8 = one_step(small_experiment(devices, bn_group_size=4), batch)
+  _, grads_g2, stats_g2, _ = one_step(small_experiment(devices, bn_group_size=2), batch)
+  result["ghost"] = {"grads": max_relative_difference(grads_g8, grads_g1),
+                     "batch_stats": max_relative_difference(stats_g8, stats_g1),
+                     "loss": abs(loss_g8 - loss_g1) / abs(loss_g1),
+                     "differs_from_global": max_relative_difference(grads_g1, grads1),
+                     "groups_of_2_vs_per_device": max_relative_difference(grads_g2, grads_pd),
+                     "groups_of_2_vs_per_device_stats": max_relative_difference(stats_g2, stats_pd)}
   try:
     parallel.check_batch_size(12)
     result["indivisible_error"] = None

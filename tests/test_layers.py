@@ -2,9 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bnn_jax.binarize import EDE, sign
-from bnn_jax.layers import AttentionScale, BinaryConv, LearnableScale, avg_pool_ceil
+from bnn_jax.errors import ConfigError
+from bnn_jax.layers import AttentionScale, BatchNorm, BinaryConv, LearnableScale, avg_pool_ceil
 from bnn_jax.models import blocks
 
 X = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
@@ -83,3 +85,27 @@ def test_avg_pool_ceil_mode_averages_partial_windows_over_valid_cells():
   x = jnp.arange(9.0).reshape(1, 3, 3, 1)
   out = avg_pool_ceil(x, 2)[0, :, :, 0]
   np.testing.assert_allclose(out, [[(0 + 1 + 3 + 4) / 4, (2 + 5) / 2], [(6 + 7) / 2, 8.0]])
+
+
+def test_ghost_batchnorm_normalises_each_group_and_averages_pytorch_updates():
+  x = jax.random.normal(jax.random.key(3), (6, 2, 2, 3)) * 2 + 1
+  bn = BatchNorm(use_running_average=False, group_size=3)
+  variables = bn.init(jax.random.key(0), x)
+  y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+  means, variances = [], []
+  for part in (slice(0, 3), slice(3, 6)):  # each group's examples and positions, by hand
+    group = x[part]
+    mean, var = group.mean((0, 1, 2)), group.var((0, 1, 2))
+    np.testing.assert_allclose(y[part], (group - mean) / jnp.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
+    means.append(mean)
+    variances.append(var * 12 / 11)  # PyTorch's running variance: unbiased (n = 3·2·2)
+  stats = updates["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * np.mean(means, 0), rtol=1e-5)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * np.mean(variances, 0), rtol=1e-5)
+  whole, _ = BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
+  assert not np.allclose(whole, y, atol=1e-3)  # one group of 6 is not two of 3
+
+
+def test_ghost_batchnorm_refuses_a_batch_that_does_not_split():
+  with pytest.raises(ConfigError, match="groups of 4"):
+    BatchNorm(use_running_average=False, group_size=4).init(jax.random.key(0), X[:, :, :, :])

@@ -39,6 +39,16 @@ def test_per_device_step_equals_averaged_per_shard_computation(measured):
   assert measured["per_device"]["differs_from_sharded"] > 1e-3  # BatchNorm statistics per device
 
 
+def test_ghost_batchnorm_is_independent_of_the_device_count(measured):
+  assert measured["ghost"]["loss"] < 1e-6
+  assert measured["ghost"]["grads"] < 1e-4
+  assert measured["ghost"]["batch_stats"] < 1e-5
+  assert measured["ghost"]["differs_from_global"] > 1e-3  # the groups really change the step
+  # Groups of the per-device batch are PyTorch DDP's per-GPU BatchNorm.
+  assert measured["ghost"]["groups_of_2_vs_per_device"] < 1e-4
+  assert measured["ghost"]["groups_of_2_vs_per_device_stats"] < 1e-5
+
+
 def test_indivisible_global_batch_is_a_clear_error(measured):
   assert measured["indivisible_error"] == (
       "global batch size 12 is not divisible by the 8 devices; use a multiple of 8")
