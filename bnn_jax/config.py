@@ -41,10 +41,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(argument) if argument else module.get_config()
 
 
-# Where the recipes expect the torchvision teachers, converted once with
-# python -m bnn_jax.convert (README: "Teachers").
-TORCHVISION_RESNET18 = "workdirs/teachers/resnet18_torchvision"
-TORCHVISION_RESNET34 = "workdirs/teachers/resnet34_torchvision"
+# Where the recipes expect their ImageNet teachers: the original's are mmclassification's
+# ResNet-18/34 checkpoints; torchvision's convert as well (README: "Teachers").
+TEACHER_RESNET18 = "workdirs/teachers/resnet18"
+TEACHER_RESNET34 = "workdirs/teachers/resnet34"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,9 +66,12 @@ def default_config() -> ml_collections.ConfigDict:
       temperature=1.0, attention_blocks=placeholder(tuple)))
   # The KD teacher: its model section, and an Orbax workdir (one of our runs, or the output of
   # python -m bnn_jax.convert) or a .pth / .npz state dict. Not trained, not checkpointed.
+  # batchnorm: "running" (eval mode) or "batch": normalise with the statistics of each batch
+  # (of each model.bn_group_size group), as the original, which never puts its teacher in eval
+  # mode. Either way the teacher's variables never change.
   c.teacher = ml_collections.ConfigDict(dict(
       model=model_section(arch="ResNet-34", stem_act="relu"), checkpoint=placeholder(str),
-      step=placeholder(int)))
+      step=placeholder(int), batchnorm="running"))
   # Data parallelism: "sharded" (one program over the global batch, synchronised BatchNorm) or
   # "per_device" (shard_map, per-device BatchNorm: PyTorch DDP). distributed=True starts
   # jax.distributed (multi-host); unset fields are read from the cluster's environment.
@@ -76,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
       mode="sharded", distributed=False, coordinator_address=placeholder(str),
       num_processes=placeholder(int), process_id=placeholder(int)))
   c.train = ml_collections.ConfigDict(dict(
-      epochs=100, batch_size=256, eval_batch_size=placeholder(int), seed=166, log_every=100,
+      epochs=100, batch_size=256, drop_last=False, eval_batch_size=placeholder(int), seed=166,
+      log_every=100,
       eval_every_epochs=1, checkpoint_every_epochs=1, max_to_keep=3, max_steps=placeholder(int),
       load_from=placeholder(str), progress=True, plot=True))
   return c
@@ -88,7 +92,8 @@ def model_section(**fields) -> ml_collections.ConfigDict:
       backbone="ResArch", arch="ReActNet-18", num_classes=1000, neck="gap", dtype="float32",
       stem_channels=placeholder(int), base_channels=placeholder(int), strides=placeholder(tuple),
       avg_down=placeholder(bool), stem_act=placeholder(str), binary_type=placeholder(tuple),
-      binarizers=placeholder(tuple), cifar_stem=placeholder(bool), layers_cfg=placeholder(tuple)))
+      binarizers=placeholder(tuple), cifar_stem=placeholder(bool), layers_cfg=placeholder(tuple),
+      bn_group_size=placeholder(int)))
   section.update(fields)
   return section
 
@@ -96,9 +101,9 @@ def model_section(**fields) -> ml_collections.ConfigDict:
 def real_resnet(depth: int, dataset: Optional[ml_collections.ConfigDict] = None
                 ) -> ml_collections.ConfigDict:
   """A real-valued ResNet-18/34 in torchvision's layout and recipe (SGD 0.1, ×0.1 every 30 epochs,
-  90 epochs of 256): a KD teacher this project can train itself."""
+  90 epochs of 256 on 8 GPUs, so BatchNorm over 32): a KD teacher this project can train itself."""
   c = default_config()
-  c.model.update(arch=f"ResNet-{depth}", stem_act="relu")
+  c.model.update(arch=f"ResNet-{depth}", stem_act="relu", bn_group_size=32)
   if dataset is not None:
     c.dataset = dataset
   c.optimizer.update(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -107,11 +112,13 @@ def real_resnet(depth: int, dataset: Optional[ml_collections.ConfigDict] = None
   return c
 
 
-def imagenet(colour_jitter: bool = False) -> ml_collections.ConfigDict:
-  """ImageNet as the original: RandomResizedCrop 224 + flip (+ colour jitter), eval 256 → 224."""
+def imagenet(colour_jitter: bool = False, resize: str = "cv2") -> ml_collections.ConfigDict:
+  """ImageNet as the original: RandomResizedCrop 224 + flip (+ colour jitter), eval 256 → 224,
+  resized as ``mmcv.imresize`` with ``resize``: "cv2" (bilinear, no antialiasing: mmcv's
+  default) or "pillow" (antialiased bilinear: the ``*_pil_resize`` data configs)."""
   return ml_collections.ConfigDict(dict(
       name="imagenet2012", path=placeholder(str), train_split="train", eval_split="validation",
-      image_size=224, augment="imagenet_colorjitter" if colour_jitter else "imagenet",
+      image_size=224, augment="imagenet_colorjitter" if colour_jitter else "imagenet", resize=resize,
       mean=IMAGENET_MEAN, std=IMAGENET_STD, shuffle_buffer=16384))
 
 

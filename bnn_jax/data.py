@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -178,15 +179,54 @@ def _decode(image):
   return image
 
 
-def _random_resized_crop(image_bytes_or_image, size: int, seed):
-  """RandomResizedCrop(size): area 8–100 %, aspect 3/4–4/3, bilinear resize."""
+RESIZES = ("pillow", "cv2")
+
+
+def _resize(image, height_width, backend: str):
+  """Bilinear resize to uint8 values as the original's ``mmcv.imresize``: ``pillow`` smooths
+  when it shrinks (antialiased, Pillow's BILINEAR filter), ``cv2`` samples without smoothing."""
+  if backend not in RESIZES:
+    raise ConfigError(f"unknown dataset.resize {backend!r}; valid: {list(RESIZES)}")
+  image = tf.image.resize(image, height_width, method="bilinear", antialias=backend == "pillow")
+  return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def random_resized_crop_box(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+  """(top, left, height, width) of torchvision's RandomResizedCrop, as the original's mmcls runs it.
+
+  Up to ``attempts`` draws of an area fraction ~ U(scale) and a log-uniform aspect ratio in
+  ``ratio``; the first whose rounded width and height fit is placed uniformly at random.
+  If none fits, the central crop of the image clamped to ``ratio`` (the whole image when its
+  aspect ratio is inside). All draws are made at once: the same result, no graph loop.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  area = tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1], tf.float64)
+  area = area * height * width
+  log_ratio = tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
+                                          math.log(ratio[1]), tf.float64)
+  aspect = tf.exp(log_ratio)
+  crop_w, crop_h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  in_ratio = width / height
+  fallback_w = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+  fallback_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+  found = tf.reduce_any(fits)
+  crop_h = tf.cast(tf.where(found, crop_h[first], fallback_h), tf.int32)
+  crop_w = tf.cast(tf.where(found, crop_w[first], fallback_w), tf.int32)
+  room_h, room_w = tf.cast(shape[0], tf.int32) - crop_h, tf.cast(shape[1], tf.int32) - crop_w
+  top = tf.where(found, tf.random.stateless_uniform([], seeds[2], 0, room_h + 1, tf.int32), room_h // 2)
+  left = tf.where(found, tf.random.stateless_uniform([], seeds[3], 0, room_w + 1, tf.int32), room_w // 2)
+  return top, left, crop_h, crop_w
+
+
+def _random_resized_crop(image_bytes_or_image, size: int, seed, backend: str):
+  """RandomResizedCrop(size) of torchvision's algorithm (:func:`random_resized_crop_box`)."""
   image = _decode(image_bytes_or_image)
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  image = tf.slice(image, begin, crop_size)
-  return tf.image.resize(image, (size, size), method="bilinear", antialias=False)
+  top, left, height, width = random_resized_crop_box(tf.shape(image), seed)
+  image = image[top:top + height, left:left + width]
+  return _resize(image, (size, size), backend)
 
 
 def _colour_jitter(image, seed):
@@ -198,14 +238,24 @@ def _colour_jitter(image, seed):
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _resize_centre_crop(image, size: int, resize: int):
-  """Resize the shorter side to ``resize``, then take the central size×size crop."""
+def resized_shape(shape, short_side: int):
+  """mmcls' Resize((short_side, −1)): the shorter side becomes ``short_side``, the longer one
+  scales with it, truncated to an integer."""
+  height, width = shape[0], shape[1]
+  long_side = lambda longer, shorter: tf.cast(  # noqa: E731
+      tf.math.floor(short_side * tf.cast(longer, tf.float64) / tf.cast(shorter, tf.float64)), tf.int32)
+  return tf.cond(width < height, lambda: tf.stack([long_side(height, width), short_side]),
+                 lambda: tf.stack([short_side, long_side(width, height)]))
+
+
+def _resize_centre_crop(image, size: int, resize: int, backend: str):
+  """Resize the shorter side to ``resize`` (:func:`resized_shape`), then the central crop,
+  its offset (side − size)/2 rounded half to even, as mmcls' CenterCrop."""
   image = _decode(image)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = resize / tf.reduce_min(shape)
-  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
-  image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
-  top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
+  new_shape = resized_shape(tf.shape(image), resize)
+  image = _resize(image, new_shape, backend)
+  top, left = [tf.cast(tf.round(tf.cast(side - size, tf.float64) / 2), tf.int32)
+               for side in (new_shape[0], new_shape[1])]
   return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
@@ -227,18 +277,19 @@ def make_preprocess(config, train: bool) -> Callable:
   mean = np.asarray(config.mean, np.float32)
   std = np.asarray(config.std, np.float32)
   resize = int(round(size * config.get("eval_resize_ratio", 256 / 224)))
+  backend = config.get("resize", "cv2")
 
   def preprocess(example, seed):
     image = example["image"]
     if augment.startswith("imagenet"):
       if train:
         seeds = tf.random.experimental.stateless_split(seed, 3)
-        image = _random_resized_crop(image, size, seeds[0])
+        image = _random_resized_crop(image, size, seeds[0], backend)
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
         if augment == "imagenet_colorjitter":
           image = _colour_jitter(image, seeds[2])
       else:
-        image = _resize_centre_crop(image, size, resize)
+        image = _resize_centre_crop(image, size, resize, backend)
     elif augment in ("cifar", "digits") and train:
       image = _pad_crop_flip(image, 4 if augment == "cifar" else 1, seed, flip=augment == "cifar")
     else:
@@ -259,25 +310,34 @@ def _options():
   return options
 
 
-def train_batches(source: Source, config, batch_size: int, seed: int,
+def steps_per_epoch(num_examples: int, global_batch: int, drop_last: bool = False) -> int:
+  """Iterations per epoch: the original's DataLoader keeps the last partial batch (ceil);
+  ``drop_last`` drops it (floor)."""
+  steps = num_examples // global_batch if drop_last else -(-num_examples // global_batch)
+  if steps == 0:
+    raise ConfigError(f"train.batch_size {global_batch} exceeds the {num_examples} training "
+                      "examples (with train.drop_last)")
+  return steps
+
+
+def train_batches(source: Source, config, batch_size: int, seed: int, steps: int,
                   start_step: int = 0) -> Iterator[dict]:
   """Endless host batches (numpy) of ``batch_size`` for this process, from step ``start_step`` on.
 
-  Epoch ``e`` is the split shuffled with seed (seed, e), batched with the
-  remainder dropped; resuming at any step reproduces the same stream.
+  Epoch ``e`` is the split shuffled with seed (seed, e), cut into ``steps`` batches
+  (:func:`steps_per_epoch`). A last batch that the split does not fill is completed from the
+  start of the same epoch's order, as PyTorch's DistributedSampler pads its shards, so every
+  step has the same shape (one compiled step). Resuming at any step reproduces the same stream.
   """
   _tf()
-  steps_per_epoch = source.process_examples // batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f"batch size {batch_size} per process exceeds the {source.process_examples} "
-                      "training examples of this process")
-  epoch, offset = divmod(start_step, steps_per_epoch)
+  epoch, offset = divmod(start_step, steps)
   preprocess = make_preprocess(config, train=True)
   while True:
     epoch_seed = seed * 100003 + epoch
     ds = source.make(epoch_seed)
     ds = ds.shuffle(min(config.get("shuffle_buffer", 16384), source.process_examples),
                     seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.repeat().take(steps * batch_size)  # the same order again: the wrap-around fill
     ds = ds.enumerate().map(
         lambda i, ex: preprocess(ex, tf.stack([tf.cast(epoch_seed, tf.int64), i])),
         num_parallel_calls=tf.data.AUTOTUNE)

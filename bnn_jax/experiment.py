@@ -106,7 +106,8 @@ class Experiment:
     mode = self.config.get("parallel", {}).get("mode", "sharded")
     train_step = step.make_train_step(
         self.model, tx, lr_schedule, ede, self.objective, teacher,
-        axis_name=parallel.DATA_AXIS if mode == "per_device" else None)
+        axis_name=parallel.DATA_AXIS if mode == "per_device" else None,
+        teacher_batchnorm=self.config.teacher.batchnorm)
     return parallel.jit_train_step(train_step, self.mesh, mode)
 
   def init_state(self, tx: optax.GradientTransformation) -> step.TrainState:

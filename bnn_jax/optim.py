@@ -30,16 +30,17 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
   min_lr = config.get("min_lr", 0.0)
 
   def regular(step):
-    progress = step // steps_per_epoch if by_epoch else step
-    fraction = progress / (epochs if by_epoch else total_steps)
+    progress, length = (step // steps_per_epoch, epochs) if by_epoch else (step, total_steps)
+    # 1 − progress/length as (length − progress)/length: exact in float32 to the last step.
+    remaining = (length - progress) / length
     if name == "step":
       milestones = jnp.asarray(config.milestones)
       return base * config.get("gamma", 0.1) ** jnp.sum(progress >= milestones)
     if name == "poly":
-      return (base - min_lr) * (1 - fraction) ** config.get("power", 1.0) + min_lr
+      return (base - min_lr) * remaining ** config.get("power", 1.0) + min_lr
     if name == "cosine":
-      return min_lr + (base - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * fraction))
-    return jnp.asarray(base, jnp.float32)
+      return min_lr + (base - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * (1 - remaining)))
+    return jnp.asarray(base)
 
   warmup = config.get("warmup")
   if warmup not in (None, "linear"):
@@ -52,7 +53,7 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
     if warmup and warmup_iters:
       shortfall = (1 - step / warmup_iters) * (1 - warmup_ratio)
       lr = jnp.where(step < warmup_iters, lr * (1 - shortfall), lr)
-    return jnp.asarray(lr, jnp.float32)
+    return jnp.asarray(lr, jnp.result_type(float))  # float32, or float64 under jax_enable_x64
 
   return schedule
 

@@ -102,13 +102,19 @@ class Objective:
     return loss
 
 
+TEACHER_BATCHNORM = ("running", "batch")
+
+
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
                     ede_schedule: Optional[Callable] = None, objective: Objective = Objective(),
-                    teacher=None, axis_name: Optional[str] = None):
+                    teacher=None, axis_name: Optional[str] = None,
+                    teacher_batchnorm: str = "running"):
   """(state, batch, metrics, teacher_variables) -> (state, metrics): one step on {'image', 'label'}.
 
-  ``teacher`` (a model) runs in eval mode on the same images, under stop_gradient, inside
-  this step; its variables are an argument (``{}`` without a teacher), never in the state.
+  ``teacher`` (a model) runs on the same images, under stop_gradient, inside this step; its
+  variables are an argument (``{}`` without a teacher), never in the state, never updated.
+  ``teacher_batchnorm`` "running" runs it in eval mode; "batch" normalises with the batch's
+  statistics (its ghost groups), as the original's teacher, which stays in train mode.
   With ``axis_name`` the step runs per device (under ``shard_map``), as PyTorch DDP: BatchNorm
   normalises with each device's batch statistics, gradients are averaged over the axis, and
   so are the running statistics (their update is linear, so averaging every step equals
@@ -116,6 +122,9 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
   """
   if objective.needs_teacher and teacher is None:
     raise ConfigError("loss.kd_weight / loss.at_weight need a teacher (teacher.checkpoint)")
+  if teacher_batchnorm not in TEACHER_BATCHNORM:
+    raise ConfigError(f"unknown teacher.batchnorm {teacher_batchnorm!r}; valid: {list(TEACHER_BATCHNORM)}")
+  teacher_train = teacher_batchnorm == "batch"
   mutable = ["batch_stats", BLOCK_OUTPUTS] if objective.at else ["batch_stats"]
 
   def train_step(state: TrainState, batch, metrics: Metrics, teacher_variables):
@@ -123,8 +132,10 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
     images, labels = batch["image"], batch["label"]
     teacher_logits = teacher_blocks = None
     if objective.needs_teacher:
+      # In "batch" mode the statistics' updates come back in the collections and are dropped.
       teacher_logits, collections = teacher.apply(
-          jax.lax.stop_gradient(teacher_variables), images, train=False, mutable=[BLOCK_OUTPUTS])
+          jax.lax.stop_gradient(teacher_variables), images, train=teacher_train,
+          mutable=[BLOCK_OUTPUTS, "batch_stats"] if teacher_train else [BLOCK_OUTPUTS])
       teacher_blocks = block_outputs(collections)
 
     def loss_fn(params):

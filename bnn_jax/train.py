@@ -61,10 +61,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.check_batch_size(experiment.eval_batch_size, "eval batch size")
   train_source = experiment.source(config.dataset.train_split)
   eval_source = experiment.source(config.dataset.eval_split)
-  steps_per_epoch = train_source.num_examples // config.train.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f"train.batch_size {config.train.batch_size} exceeds the "
-                      f"{train_source.num_examples} training examples")
+  steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.train.batch_size,
+                                         config.train.drop_last)
   total_steps = config.train.epochs * steps_per_epoch
   last_step = min(total_steps, config.train.max_steps or total_steps)
 
@@ -73,7 +71,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   teacher, teacher_variables, teacher_record = experiment.load_teacher()
   if teacher is not None:
     reporter.log(f"teacher: {config.teacher.model.arch} from {teacher_record['checkpoint']} "
-                 f"(step {teacher_record['step']}), in eval mode inside the train step")
+                 f"(step {teacher_record['step']}), BatchNorm on {config.teacher.batchnorm} "
+                 "statistics, inside the train step")
   train_step = experiment.make_train_step(tx, lr_schedule, ede, teacher)
   eval_step = parallel.jit_eval_step(step.make_eval_step(experiment.model), mesh)
   state = experiment.init_state(tx)
@@ -109,7 +108,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   preemption = _Preemption()
   batches = parallel.prefetch_to_devices(
-      data.train_batches(train_source, config.dataset, local_batch, config.train.seed, start_step), mesh)
+      data.train_batches(train_source, config.dataset, local_batch, config.train.seed,
+                         steps_per_epoch, start_step), mesh)
   zero = lambda: jax.device_put(step.zero_metrics(), parallel.replicated(mesh))  # noqa: E731
   metrics, eval_metrics = zero(), {}
   current = start_step

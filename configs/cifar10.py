@@ -10,13 +10,13 @@ reads CIFAR-10 through TFDS (downloaded when online); an image folder
 Optimizer and method are the recipe's; epochs, batch size, milestones, warmup
 and EDE are rescaled to ``EPOCHS`` epochs of ``BATCH`` images.
 """
-from bnn_jax.config import TORCHVISION_RESNET18, TORCHVISION_RESNET34, cifar10, load_config
+from bnn_jax.config import TEACHER_RESNET18, TEACHER_RESNET34, cifar10, load_config
 
 EPOCHS, BATCH, TRAIN_IMAGES = 200, 256, 50000
 # ImageNet teachers have no CIFAR-10 weights: the CIFAR-10 recipes use ResNets trained here
 # (configs/cifar10.py:resnet18 / :resnet34).
-CIFAR_TEACHERS = {TORCHVISION_RESNET18: "workdirs/cifar10_resnet18",
-                  TORCHVISION_RESNET34: "workdirs/cifar10_resnet34"}
+CIFAR_TEACHERS = {TEACHER_RESNET18: "workdirs/cifar10_resnet18",
+                  TEACHER_RESNET34: "workdirs/cifar10_resnet34"}
 
 
 def get_config(recipe="reactnet_r18_step1"):

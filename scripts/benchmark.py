@@ -59,7 +59,8 @@ def time_steps(experiment, batch_size, steps, warmup):
 def time_pipeline(experiment, batch_size, batches):
   """Per-batch seconds of the config's training input pipeline (host side only)."""
   source = experiment.source(experiment.config.dataset.train_split)
-  iterator = data.train_batches(source, experiment.config.dataset, batch_size, seed=0)
+  steps = data.steps_per_epoch(source.process_examples, batch_size)
+  iterator = data.train_batches(source, experiment.config.dataset, batch_size, seed=0, steps=steps)
   next(iterator)  # start-up: file listing, the first shuffle buffer
   times = []
   for _ in range(batches):

@@ -31,7 +31,8 @@ def assert_trees_equal(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """Two epochs (44 steps) of the width-8 quickstart on digits, never stopped."""
+  """Two epochs of the width-8 quickstart on digits, never stopped: 46 steps, 23 per epoch (the
+  last batch of each filled from the epoch's start)."""
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   config = digits_config(epochs=2, eval_every_epochs=2)
   metrics = train_and_evaluate(config, workdir)
@@ -42,11 +43,11 @@ def test_resume_after_checkpoint_gives_identical_parameters(uninterrupted, tmp_p
   config, reference_dir, _ = uninterrupted
   workdir = str(tmp_path)
   stopped = config.copy_and_resolve_references()
-  stopped.train.max_steps = 22  # stop after the first epoch's checkpoint
+  stopped.train.max_steps = 23  # stop after the first epoch's checkpoint
   train_and_evaluate(stopped, workdir)
-  assert Checkpoints(workdir, read_only=True).steps() == [22]
-  train_and_evaluate(config, workdir)  # the same command again: resumes at step 22
-  assert Checkpoints(workdir, read_only=True).latest_step() == 44
+  assert Checkpoints(workdir, read_only=True).steps() == [23]
+  train_and_evaluate(config, workdir)  # the same command again: resumes at step 23
+  assert Checkpoints(workdir, read_only=True).latest_step() == 46
   assert_trees_equal(final_params(workdir), final_params(reference_dir))
 
 
@@ -63,7 +64,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(uninterrupted, tmp_pa
   monkeypatch.setattr(data, "train_batches", preempted_after_30)
   train_and_evaluate(config, str(tmp_path))
   checkpoints = Checkpoints(str(tmp_path), read_only=True)
-  assert checkpoints.latest_step() < 44 and checkpoints.latest_step() not in (22, 44)
+  assert checkpoints.latest_step() < 46 and checkpoints.latest_step() not in (23, 46)
   monkeypatch.setattr(data, "train_batches", real_batches)
   train_and_evaluate(config, str(tmp_path))
   assert_trees_equal(final_params(str(tmp_path)), final_params(reference_dir))
@@ -72,7 +73,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(uninterrupted, tmp_pa
 def test_evaluate_cli_path_reports_training_accuracy(uninterrupted):
   config, workdir, train_metrics = uninterrupted
   metrics = evaluate_checkpoint(config, workdir)
-  assert metrics["step"] == 44 and metrics["num_examples"] == 360
+  assert metrics["step"] == 46 and metrics["num_examples"] == 360
   assert metrics["top1"] == pytest.approx(train_metrics["top1"])
   assert metrics["loss"] == pytest.approx(train_metrics["loss"], rel=1e-5)
 
@@ -85,7 +86,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
     train_and_evaluate(config, str(tmp_path))
   steps = Checkpoints(str(tmp_path), read_only=True).steps() if (tmp_path / "checkpoints").exists() else []
-  assert all(s % 22 == 0 for s in steps)  # only epoch-end checkpoints from before the blow-up
+  assert all(s % 23 == 0 for s in steps)  # only epoch-end checkpoints from before the blow-up
 
 
 def test_checkpoint_of_another_model_is_refused(uninterrupted):

@@ -1,0 +1,34 @@
+"""A fixed short protocol on CIFAR-10, the same for every method, trained from scratch on labels.
+
+    python -m bnn_jax.train --config configs/cifar10_short.py:irnet_r18 --workdir DIR \
+        --config.dataset.name=image_folder --config.dataset.path=~/.cache/bnn_jax/cifar10_jpeg
+
+Methods: irnet_r18, birealnet_r18, reactnet_r18, strong_baseline: each method's fully binary
+ResNet-18 (its blocks, stem activation and neck), with the CIFAR stem (3×3/1 conv, no max-pool),
+stem and base width 16, one stage, no teacher. Global batch 256 with one BatchNorm group of 256,
+pad-4 random crop + horizontal flip, CIFAR mean/std, Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8),
+no weight decay, the learning rate decayed linearly to 0 per iteration over the run, plain
+cross-entropy; EDE (IR-Net) over the run's epochs. 200 epochs; ``--config.train.epochs=2`` is
+the CPU run of the README.
+"""
+from bnn_jax.config import cifar10, default_config, load_config
+
+# method -> the recipe whose fully binary model it trains
+METHODS = {"irnet_r18": "irnet_r18", "birealnet_r18": "birealnet_r18",
+           "reactnet_r18": "reactnet_r18_step2", "strong_baseline": "strong_baseline_step2"}
+
+
+def get_config(method="birealnet_r18"):
+  if method not in METHODS:
+    raise ValueError(f"configs/cifar10_short.py takes one of {sorted(METHODS)}, not {method!r}")
+  recipe = load_config(METHODS[method])
+  c = default_config()
+  c.model = recipe.model
+  c.model.update(num_classes=10, cifar_stem=True, stem_channels=16, base_channels=16,
+                 binary_type=(True, True), bn_group_size=256)
+  c.dataset = cifar10()
+  c.optimizer.update(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  c.schedule.update(name="poly", power=1.0, by_epoch=False, min_lr=0.0)
+  c.ede.update(enabled=recipe.ede.enabled, epochs=None)
+  c.train.update(epochs=200, batch_size=256, log_every=50)
+  return c
