@@ -39,6 +39,12 @@ class StateDictMismatch(ConfigError):
     super().__init__("state dict does not fit the model; " + "; ".join(parts))
 
 
+def with_prefix(arrays: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
+  """The entries of ``arrays`` whose key starts with ``prefix``, the prefix removed (fixtures
+  store state dicts as ``state_dict/<key>``, ``grad/<key>``, …)."""
+  return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a ``.pth`` (torch, ``weights_only=True``) or ``.npz`` state dict as numpy arrays.
 
@@ -48,8 +54,7 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   if path.endswith(".npz"):
     with np.load(path) as data:
       entries = {k: data[k] for k in data.files}
-    prefixed = {k[len("state_dict/"):]: v for k, v in entries.items() if k.startswith("state_dict/")}
-    state = prefixed or entries
+    state = with_prefix(entries, "state_dict/") or entries
   else:
     try:
       import torch

@@ -23,7 +23,7 @@ def ede_schedule(total_epochs: int, steps_per_epoch: int, t_min: float = 0.1,
   def schedule(step) -> EDE:
     epoch = jnp.asarray(step) // steps_per_epoch
     t = t_min * 10.0 ** (epoch / total_epochs * exponent)
-    t = jnp.asarray(t, jnp.float32)
+    t = jnp.asarray(t, jnp.result_type(float))  # float32, or float64 under jax_enable_x64
     return EDE(jnp.maximum(1.0 / t, 1.0), t)
 
   return schedule

@@ -59,11 +59,10 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         count = groups[0, ..., 0].size
         unbiased = var * (count / max(count - 1, 1))
-        m = self.momentum
-        running_mean.value = ((1 - m) * running_mean.value
-                              + m * mean.mean(0).reshape(features).astype(jnp.float32))
-        running_var.value = ((1 - m) * running_var.value
-                             + m * unbiased.mean(0).reshape(features).astype(jnp.float32))
+        for running, batch_value in ((running_mean, mean), (running_var, unbiased)):
+          update = batch_value.mean(0).reshape(features)  # the average of the groups' updates
+          running.value = ((1 - self.momentum) * running.value
+                           + self.momentum * update).astype(running.value.dtype)
     return (y * scale.astype(compute) + bias.astype(compute)).astype(self.dtype)
 
 

@@ -38,7 +38,8 @@ def attention_map(features: jax.Array) -> jax.Array:
   The maximum's gradient goes to its first position, as PyTorch's ``max(dim)`` (jnp.max would
   share it among ties).
   """
-  q = jnp.mean(jnp.square(features.astype(jnp.float32)), axis=-1).reshape(features.shape[0], -1)
+  features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+  q = jnp.mean(jnp.square(features), axis=-1).reshape(features.shape[0], -1)
   peak = jnp.take_along_axis(q, jnp.argmax(q, axis=-1)[:, None], axis=-1)
   return q / peak
 

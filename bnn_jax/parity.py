@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from bnn_jax.binarize import EDE
-from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax
+from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax, with_prefix
 from bnn_jax.models import abstract_variables, build_model
 
 OUTPUT_RTOL = 1e-4  # logits, loss, running means
@@ -55,11 +55,17 @@ class ParityReport:
     return out
 
 
+def read_fixture(npz_path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(the ``.json`` beside it, the arrays of ``npz_path``) of a fixture of the original."""
+  with open(npz_path[:-len(".npz")] + ".json") as f:
+    description = json.load(f)
+  with np.load(npz_path) as data:
+    return description, {k: data[k] for k in data.files}
+
+
 def check_fixture(npz_path: str) -> ParityReport:
   """Recomputes a fixture's outputs and gradients here and compares them with the original's."""
-  original = json.load(open(npz_path[:-len(".npz")] + ".json"))
-  with np.load(npz_path) as data:
-    fixture = {k: data[k] for k in data.files}
+  original, fixture = read_fixture(npz_path)
   model = build_model(model_config_from_original(original))
   images = jnp.asarray(fixture["input_nchw"].transpose(0, 2, 3, 1))
   labels = jnp.asarray(fixture["labels"])
@@ -67,8 +73,7 @@ def check_fixture(npz_path: str) -> ParityReport:
       "ede" in original) else EDE.initial()
 
   template = abstract_variables(model, images.shape)
-  state_dict = {k[len("state_dict/"):]: v for k, v in fixture.items() if k.startswith("state_dict/")}
-  variables = torch_to_flax(state_dict, template)
+  variables = torch_to_flax(with_prefix(fixture, "state_dict/"), template)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
   def train_loss(params):
@@ -94,8 +99,7 @@ def check_fixture(npz_path: str) -> ParityReport:
       ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k, _ in stats])
       outputs[f"running_{stat}_after_step"] = relative_error(ours, ref)
 
-  grad_ref = torch_to_flax({k[len("grad/"):]: v for k, v in fixture.items() if k.startswith("grad/")},
-                           {"params": template["params"]})["params"]
+  grad_ref = torch_to_flax(with_prefix(fixture, "grad/"), {"params": template["params"]})["params"]
   rows = []
   for (path, ours), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
                                jax.tree_util.tree_leaves(grad_ref)):

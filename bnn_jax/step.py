@@ -44,7 +44,7 @@ TRAIN_METRICS = EVAL_SUMS + ("lr", "ede_k", "ede_t")
 
 
 def zero_metrics(names=TRAIN_METRICS) -> Metrics:
-  return {name: jnp.zeros((), jnp.float32) for name in names}
+  return {name: jnp.zeros((), jnp.result_type(float)) for name in names}
 
 
 def _batch_metrics(logits, labels, loss_per_example, mask) -> Metrics:

@@ -38,7 +38,7 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-  """``apply(variables, images, train=..., ede=...)`` → float32 logits.
+  """``apply(variables, images, train=..., ede=...)`` → float32 logits (float64 for a float64 model).
 
   ``ede`` is IR-Net's (k, t); other methods ignore it.
   """
@@ -52,4 +52,5 @@ class Classifier(nn.Module):
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     x = self.backbone(images.astype(self.dtype), train=train, ede=ede)
     x = Neck(self.neck, self.bn_group_size, self.dtype, name="neck")(x, train=train)
-    return Head(self.num_classes, self.dtype, name="head")(x).astype(jnp.float32)
+    logits = Head(self.num_classes, self.dtype, name="head")(x)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -1,0 +1,36 @@
+"""Trajectory parity of bnn_jax with the original PyTorch implementation: a short run of its recipe.
+
+    python scripts/check_trajectory.py ../shared/reference/trajectory/traj_irnet_r18.npz [more.npz ...]
+
+Translates each fixture's recipe (mmcv optimizer, lr_config, EDE, distill) into our config,
+trains it with bnn_jax's own train step in float64, one step per recorded batch, and prints
+the worst per-step loss error, the worst learning-rate / EDE error, and the error of all final
+weights and BatchNorm statistics together (with the worst tensor); exits 1 when any fixture
+is outside tolerance.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bnn_jax.trajectory import check_trajectory  # noqa: E402
+
+
+def main(paths):
+  if not paths:
+    sys.exit(__doc__)
+  failed = []
+  for path in paths:
+    report = check_trajectory(path)
+    print(f"{os.path.basename(path)}: {'PASS' if report.passed else 'FAIL'}")
+    for line in report.lines():
+      print("  " + line)
+    if not report.passed:
+      failed.append(path)
+  if failed:
+    print(f"{len(failed)} of {len(paths)} trajectory fixture(s) outside tolerance: {failed}")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
