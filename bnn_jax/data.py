@@ -45,6 +45,7 @@ class DataError(ConfigError):
 SOURCES = ("digits", "cifar10", "cifar100", "imagenet2012", "image_folder")
 AUGMENTATIONS = ("imagenet", "imagenet_colorjitter", "cifar", "digits", "none")
 
+IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 CIFAR_MEAN, CIFAR_STD = (125.307, 122.961, 113.8575), (51.5865, 50.847, 51.255)
 

@@ -50,12 +50,16 @@ class Experiment:
     the run's) on this config's inputs, computed without running it."""
     return abstract_variables(model or self.model, self.input_shape)
 
-  def make_optimizer(self, steps_per_epoch: int, total_steps: int):
-    """(tx, lr schedule) for this run's length."""
+  def lr_schedule(self, steps_per_epoch: int, total_steps: int):
+    """The learning rate at each step of a run of this length (``schedule`` from ``optimizer.lr``)."""
     schedule_config = self.config.schedule.copy_and_resolve_references()
     with schedule_config.unlocked():
       schedule_config.lr = self.config.optimizer.lr
-    lr = make_lr_schedule(schedule_config, steps_per_epoch, total_steps)
+    return make_lr_schedule(schedule_config, steps_per_epoch, total_steps)
+
+  def make_optimizer(self, steps_per_epoch: int, total_steps: int):
+    """(tx, lr schedule) for this run's length."""
+    lr = self.lr_schedule(steps_per_epoch, total_steps)
     template = self.variables_template()
     tx = make_optimizer(self.config.optimizer, lr, template["params"], template["batch_stats"])
     return tx, lr

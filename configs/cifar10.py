@@ -11,6 +11,7 @@ Optimizer and method are the recipe's; epochs, batch size, milestones, warmup
 and EDE are rescaled to ``EPOCHS`` epochs of ``BATCH`` images.
 """
 from bnn_jax.config import TEACHER_RESNET18, TEACHER_RESNET34, cifar10, load_config
+from bnn_jax.data import IMAGENET_TRAIN_IMAGES, steps_per_epoch
 
 EPOCHS, BATCH, TRAIN_IMAGES = 200, 256, 50000
 # ImageNet teachers have no CIFAR-10 weights: the CIFAR-10 recipes use ResNets trained here
@@ -23,7 +24,7 @@ def get_config(recipe="reactnet_r18_step1"):
   if recipe in ("cifar10", "quickstart", "digits_kd"):
     raise ValueError(f"configs/cifar10.py takes an ImageNet recipe, not {recipe!r}")
   c = load_config(recipe)
-  old_steps = c.train.epochs * (1281167 // c.train.batch_size)
+  old_steps = c.train.epochs * steps_per_epoch(IMAGENET_TRAIN_IMAGES, c.train.batch_size)
   new_steps = EPOCHS * (TRAIN_IMAGES // BATCH)
   if c.schedule.milestones:
     c.schedule.milestones = tuple(m * EPOCHS // c.train.epochs for m in c.schedule.milestones)

@@ -1,4 +1,5 @@
 """EDE and learning-rate schedules against hand-computed values; the weight-decay mask."""
+import json
 import math
 
 import jax
@@ -8,8 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from bnn_jax.config import load_config
+from bnn_jax.data import IMAGENET_TRAIN_IMAGES, steps_per_epoch
 from bnn_jax.ede import ede_schedule
 from bnn_jax.errors import ConfigError
+from bnn_jax.experiment import Experiment
 from bnn_jax.models import build_model
 from bnn_jax.optim import make_lr_schedule, make_optimizer, norm_params_mask, weight_decay_mask
 
@@ -112,3 +116,32 @@ def test_norm_params_mask_follows_batch_stats():
   assert mask["backbone"]["bn1"] == {"scale": True, "bias": True}
   assert mask["backbone"]["layer2.0"]["downsample"]["2"]["scale"]
   assert not mask["backbone"]["layer2.0"]["downsample"]["1"]["kernel"]
+
+
+def seed_logs(shared_dir):
+  return json.loads((shared_dir / "reference" / "seed_logs.json").read_text())
+
+
+def within_four_significant_digits(ours, logged):
+  """|ours − logged| within half a unit of the logged value's 4th significant digit (and float32's
+  rounding: a value on the half-unit boundary prints either way)."""
+  unit = 10.0 ** (np.floor(np.log10(np.abs(logged))) - 3)
+  return np.abs(ours - logged) <= 0.5 * unit + 1e-6 * np.abs(logged)
+
+
+@pytest.mark.parametrize("recipe", ["birealnet_r18", "irnet_r18", "reactnet_a_step1", "reactnet_a_step2",
+                                    "reactnet_r18_step1", "reactnet_r18_step2", "strong_baseline_step1",
+                                    "strong_baseline_step2"])
+def test_recipe_reproduces_the_original_logged_learning_rate_at_every_logged_iteration(
+    shared_dir, recipe):
+  log = seed_logs(shared_dir)[recipe]
+  config = load_config(recipe)
+  # The original keeps the last partial batch: 1,252 / 2,503 / 5,005 iterations per epoch.
+  iters = steps_per_epoch(IMAGENET_TRAIN_IMAGES, config.train.batch_size)
+  assert iters == log["iters_per_epoch"]
+  lr = Experiment(config, None, None).lr_schedule(iters, config.train.epochs * iters)
+  steps, logged = np.asarray(log["lr"]).T
+  ours = np.asarray(jax.vmap(lr)(jnp.asarray(steps, jnp.int32)), np.float64)
+  wrong = ~within_four_significant_digits(ours, logged)
+  assert not wrong.any(), [(int(s), float(o), float(g)) for s, o, g in
+                           zip(steps[wrong], ours[wrong], logged[wrong])][:5]
