@@ -183,9 +183,10 @@ def _decode(image):
 RESIZES = ("pillow", "cv2")
 
 
-def _resize(image, height_width, backend: str):
+def resize_image(image, height_width, backend: str):
   """Bilinear resize to uint8 values as the original's ``mmcv.imresize``: ``pillow`` smooths
   when it shrinks (antialiased, Pillow's BILINEAR filter), ``cv2`` samples without smoothing."""
+  _tf()
   if backend not in RESIZES:
     raise ConfigError(f"unknown dataset.resize {backend!r}; valid: {list(RESIZES)}")
   image = tf.image.resize(image, height_width, method="bilinear", antialias=backend == "pillow")
@@ -200,6 +201,7 @@ def random_resized_crop_box(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
   If none fits, the central crop of the image clamped to ``ratio`` (the whole image when its
   aspect ratio is inside). All draws are made at once: the same result, no graph loop.
   """
+  _tf()
   seeds = tf.random.experimental.stateless_split(seed, 4)
   height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
   area = tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1], tf.float64)
@@ -227,7 +229,7 @@ def _random_resized_crop(image_bytes_or_image, size: int, seed, backend: str):
   image = _decode(image_bytes_or_image)
   top, left, height, width = random_resized_crop_box(tf.shape(image), seed)
   image = image[top:top + height, left:left + width]
-  return _resize(image, (size, size), backend)
+  return resize_image(image, (size, size), backend)
 
 
 def _colour_jitter(image, seed):
@@ -242,6 +244,7 @@ def _colour_jitter(image, seed):
 def resized_shape(shape, short_side: int):
   """mmcls' Resize((short_side, −1)): the shorter side becomes ``short_side``, the longer one
   scales with it, truncated to an integer."""
+  _tf()
   height, width = shape[0], shape[1]
   long_side = lambda longer, shorter: tf.cast(  # noqa: E731
       tf.math.floor(short_side * tf.cast(longer, tf.float64) / tf.cast(shorter, tf.float64)), tf.int32)
@@ -254,7 +257,7 @@ def _resize_centre_crop(image, size: int, resize: int, backend: str):
   its offset (side − size)/2 rounded half to even, as mmcls' CenterCrop."""
   image = _decode(image)
   new_shape = resized_shape(tf.shape(image), resize)
-  image = _resize(image, new_shape, backend)
+  image = resize_image(image, new_shape, backend)
   top, left = [tf.cast(tf.round(tf.cast(side - size, tf.float64) / 2), tf.int32)
                for side in (new_shape[0], new_shape[1])]
   return tf.image.crop_to_bounding_box(image, top, left, size, size)
@@ -272,6 +275,7 @@ def _pad_crop_flip(image, pad: int, seed, flip: bool):
 
 def make_preprocess(config, train: bool) -> Callable:
   """(example, seed) -> {'image': float32 normalised HWC, 'label'} for ``config.augment``."""
+  _tf()
   augment, size = config.augment, config.image_size
   if augment not in AUGMENTATIONS:
     raise ConfigError(f"unknown augment {augment!r}; valid: {list(AUGMENTATIONS)}")

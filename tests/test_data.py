@@ -1,0 +1,121 @@
+"""Input pipelines as the original's: torchvision's RandomResizedCrop, Pillow / OpenCV resizing,
+mmcls' eval resize and centre crop, and epochs that keep the last partial batch."""
+import math
+import random
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnn_jax import data
+
+SHAPE = (375, 500)  # a typical ImageNet photo
+DRAWS = 4000
+
+
+def reference_crop(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop.get_params, written from its documented algorithm."""
+  for _ in range(10):
+    area = rng.uniform(*scale) * height * width
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+  in_ratio = width / height
+  w, h = width, height
+  if in_ratio < ratio[0]:
+    h = int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    w = int(round(height * ratio[1]))
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def our_crops(shape, draws=DRAWS):
+  boxes = tf.map_fn(lambda i: tf.stack(data.random_resized_crop_box(tf.constant(shape),
+                                                                    tf.stack([i, i * 7 + 1]))),
+                    tf.range(draws, dtype=tf.int64), fn_output_signature=tf.int32)
+  return boxes.numpy()
+
+
+def test_random_resized_crop_follows_torchvision_distributions():
+  ours = our_crops(SHAPE)
+  rng = random.Random(0)
+  theirs = np.array([reference_crop(*SHAPE, rng) for _ in range(DRAWS)])
+  stats = {}
+  for name, boxes in (("ours", ours), ("theirs", theirs)):
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= SHAPE[0]).all() and (left + w <= SHAPE[1]).all()
+    area = h * w / (SHAPE[0] * SHAPE[1])
+    stats[name] = (area, np.log(w / h))
+  # The mean crop covers 0.435 of a 375×500 image (TF's sample_distorted_bounding_box: 0.365).
+  assert np.mean(stats["ours"][0]) == pytest.approx(0.435, abs=0.01)
+  for ours, theirs in zip(stats["ours"], stats["theirs"]):
+    quantiles = np.linspace(0.05, 0.95, 19)
+    np.testing.assert_allclose(np.quantile(ours, quantiles), np.quantile(theirs, quantiles),
+                               atol=0.03)
+  # The log aspect ratio is uniform in [log 3/4, log 4/3] up to the rounding of w and h.
+  assert np.abs(stats["ours"][1]).max() <= math.log(4 / 3) + 0.02
+
+
+@pytest.mark.parametrize("shape, expected", [((10, 1000), (0, 493, 10, 13)),  # wide: 4/3 × height
+                                             ((1000, 10), (493, 0, 13, 10))])  # tall: width / (3/4)
+def test_random_resized_crop_falls_back_to_the_clamped_centre(shape, expected):
+  # No draw of ≥ 8% of the area fits such an image: every crop is the fallback.
+  assert {tuple(int(v) for v in box) for box in our_crops(shape, draws=50)} == {expected}
+  assert reference_crop(*shape, random.Random(0)) == expected
+
+
+def test_eval_resize_truncates_the_long_side_and_rounds_the_crop_offset():
+  assert tuple(data.resized_shape(tf.constant([375, 500]), 256).numpy()) == (256, 341)  # 341.33
+  assert tuple(data.resized_shape(tf.constant([500, 333]), 256).numpy()) == (384, 256)  # 384.4
+  config = ml_collections.ConfigDict(dict(augment="imagenet", image_size=224, mean=(0.0,) * 3,
+                                          std=(1.0,) * 3, resize="cv2"))
+  image = np.tile(np.arange(341, dtype=np.uint8)[None, :, None], (256, 1, 3))
+  out = data.make_preprocess(config, train=False)({"image": image, "label": 0}, None)["image"]
+  # (341 − 224) / 2 = 58.5 rounds half to even: 58, as mmcls' CenterCrop (Python's round).
+  assert out.shape == (224, 224, 3) and float(out[0, 0, 0]) == 58.0
+
+
+def smooth_image(height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 255, (height // 8 + 2, width // 8 + 2, 3)).astype(np.float32)
+  return tf.cast(tf.round(tf.image.resize(coarse, (height, width), "bicubic")), tf.uint8).numpy()
+
+
+def test_pillow_resize_is_antialiased_bilinear_as_pillow():
+  pil = pytest.importorskip("PIL.Image")
+  image = np.clip(smooth_image(300, 400), 0, 255).astype(np.uint8)
+  for size in ((224, 224), (100, 133), (256, 341)):
+    ours = data.resize_image(tf.constant(image), size, "pillow").numpy()
+    theirs = np.asarray(pil.fromarray(image).resize(size[::-1], pil.BILINEAR), np.float32)
+    assert np.abs(ours - theirs).mean() < 0.5 and np.abs(ours - theirs).max() <= 3
+
+
+def test_cv2_resize_is_bilinear_without_antialiasing():
+  torch = pytest.importorskip("torch")
+  image = smooth_image(300, 400)
+  for size in ((224, 224), (100, 133)):
+    ours = data.resize_image(tf.constant(image), size, "cv2").numpy()
+    # OpenCV's INTER_LINEAR: half-pixel centres, edge clamp, no smoothing (as this torch call).
+    theirs = torch.nn.functional.interpolate(
+        torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None], size=size, mode="bilinear",
+        align_corners=False, antialias=False)[0].permute(1, 2, 0).round().numpy()
+    assert np.abs(ours - theirs).max() <= 1
+  smoothed = data.resize_image(tf.constant(image), (100, 133), "pillow").numpy()
+  assert np.abs(smoothed - data.resize_image(tf.constant(image), (100, 133), "cv2").numpy()).mean() > 0.5
+
+
+def test_an_epoch_keeps_its_last_partial_batch_filled_from_its_start():
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  source = data.Source(lambda seed: tf.data.Dataset.from_tensor_slices(
+      {"image": images, "label": np.arange(10)}), num_examples=10, process_examples=10)
+  config = ml_collections.ConfigDict(dict(augment="none", image_size=1, mean=(0.0,), std=(1.0,),
+                                          shuffle_buffer=10))
+  assert data.steps_per_epoch(10, 4) == 3 and data.steps_per_epoch(10, 4, drop_last=True) == 2
+  stream = data.train_batches(source, config, 4, seed=0, steps=3)
+  epoch = np.concatenate([next(stream)["label"] for _ in range(3)])
+  assert sorted(epoch[:10]) == list(range(10))  # every example once…
+  np.testing.assert_array_equal(epoch[10:], epoch[:2])  # …then the epoch's first two again
+  assert sorted(np.concatenate([next(stream)["label"] for _ in range(3)])[:10]) == list(range(10))
