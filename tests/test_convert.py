@@ -9,7 +9,8 @@ import pytest
 
 from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.config import default_config
-from bnn_jax.convert import convert_checkpoint, load_state_dict, model_config_from_original
+from bnn_jax.convert import (convert_checkpoint, load_state_dict, model_config_from_original,
+                             torch_to_flax)
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 
@@ -87,3 +88,56 @@ def test_convert_cli_on_npz(shared_dir, tmp_path):
       cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 1 and "error: state dict does not fit the model" in result.stderr
   assert "head.fc.weight (checkpoint (10, 64), model expects (10, 128))" in result.stderr
+
+
+def mmcls_resnet18_state_dict(width=8, classes=10, seed=0):
+  """An mmclassification ResNet-18 checkpoint's state dict (the original's KD teachers), keyed as
+  mmcls writes it: ``backbone.…`` (downsample as ``.0`` conv, ``.1`` BN) and ``head.fc.…``."""
+  rng = np.random.default_rng(seed)
+  state = {}
+
+  def bn(prefix, channels):
+    for name in ("weight", "bias", "running_mean"):
+      state[f"{prefix}.{name}"] = rng.standard_normal(channels).astype(np.float32)
+    state[f"{prefix}.running_var"] = rng.uniform(0.5, 2, channels).astype(np.float32)
+    state[f"{prefix}.num_batches_tracked"] = np.array(7)
+
+  def conv(key, out, inp, k):
+    state[key] = rng.standard_normal((out, inp, k, k)).astype(np.float32)
+
+  conv("backbone.conv1.weight", width, 3, 7)
+  bn("backbone.bn1", width)
+  inp = width
+  for stage in range(4):
+    out = width * 2 ** stage
+    for block in range(2):
+      prefix = f"backbone.layer{stage + 1}.{block}"
+      conv(f"{prefix}.conv1.weight", out, inp if block == 0 else out, 3)
+      bn(f"{prefix}.bn1", out)
+      conv(f"{prefix}.conv2.weight", out, out, 3)
+      bn(f"{prefix}.bn2", out)
+      if block == 0 and stage > 0:
+        conv(f"{prefix}.downsample.0.weight", out, inp, 1)
+        bn(f"{prefix}.downsample.1", out)
+    inp = out
+  state["head.fc.weight"] = rng.standard_normal((classes, inp)).astype(np.float32)
+  state["head.fc.bias"] = rng.standard_normal(classes).astype(np.float32)
+  return state
+
+
+def test_mmclassification_resnet_checkpoint_converts_as_a_teacher(tmp_path):
+  torch = pytest.importorskip("torch")
+  state = mmcls_resnet18_state_dict()
+  torch.save({"meta": {"epoch": 100}, "state_dict": {k: torch.from_numpy(np.asarray(v))
+                                                     for k, v in state.items()}}, tmp_path / "r18.pth")
+  config = default_config()
+  config.model.update(arch="ResNet-18", stem_act="relu", stem_channels=8, base_channels=8,
+                      num_classes=10)
+  config.dataset.image_size = 32
+  variables = torch_to_flax(load_state_dict(str(tmp_path / "r18.pth")),
+                            Experiment.from_config(config).variables_template())
+  params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+  np.testing.assert_array_equal(params["layer2.0"]["downsample"]["0"]["kernel"],
+                                state["backbone.layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(stats["layer4.1"]["bn2"]["var"], state["backbone.layer4.1.bn2.running_var"])
+  np.testing.assert_array_equal(variables["params"]["head"]["fc"]["kernel"], state["head.fc.weight"].T)

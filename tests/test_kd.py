@@ -49,10 +49,11 @@ def test_attention_loss_by_hand():
   assert not np.any(grad_teacher)
 
 
-def kd_setup(recipe="reactnet_r18_step1", **loss):
+def kd_setup(recipe="reactnet_r18_step1", teacher_batchnorm="running", **loss):
   """A width-8 KD recipe on 32×32 inputs with a randomly initialised ResNet-18 teacher."""
   config = shrink(load_config(recipe))
   config.teacher.model.arch = "ResNet-18"  # compiles faster than ReActNet's ResNet-34
+  config.teacher.batchnorm = teacher_batchnorm
   config.loss.update(loss)
   experiment = Experiment.from_config(config)
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
@@ -83,6 +84,30 @@ def test_teacher_is_untouched_and_absent_from_the_optimizer_state():
   moments = sorted(x.shape for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
   assert moments == sorted(student * 2)
   assert int(state.step) == 3
+
+
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_teacher_batchnorm_mode_is_the_recipes(mode):
+  experiment, tx, train_step, teacher_variables = kd_setup(teacher_batchnorm=mode)  # only KD
+  # A confident teacher (mmcls' head init N(0, 0.01) gives near-uniform logits).
+  teacher_variables = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 300 if "head" in jax.tree_util.keystr(path) else x, teacher_variables)
+  batch = next(data.synthetic_batches(8, 32, 3, 10))
+  state = experiment.init_state(tx)
+  student_logits, _ = experiment.model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+      mutable=["batch_stats"])
+  teacher = build_model(experiment.config.teacher.model)
+  on_batch, _ = teacher.apply(teacher_variables, batch["image"], train=True, mutable=["batch_stats"])
+  on_running = teacher.apply(teacher_variables, batch["image"], train=False)
+  metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
+  _, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics, teacher_variables)
+  loss = float(metrics["loss_sum"] / metrics["count"])
+  expected = {name: float(distribution_loss(student_logits, logits).mean())
+              for name, logits in (("batch", on_batch), ("running", on_running))}
+  assert loss == pytest.approx(expected[mode], rel=1e-5)
+  assert abs(expected["batch"] - expected["running"]) > 1e-3 * loss  # the modes really differ
+  np.testing.assert_array_equal(teacher_variables["batch_stats"]["backbone"]["bn1"]["mean"], 0.0)
 
 
 def test_only_kd_gradient_ignores_labels():
