@@ -7,6 +7,7 @@ All modules take NHWC inputs.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -57,7 +58,7 @@ class BatchNorm(nn.Module):
       var = jnp.square(groups - mean).mean(axes, keepdims=True)
       y = ((groups - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
       if not self.is_initializing():
-        count = groups[0, ..., 0].size
+        count = math.prod(groups.shape[1:-1])  # values per channel in one group
         unbiased = var * (count / max(count - 1, 1))
         for running, batch_value in ((running_mean, mean), (running_var, unbiased)):
           update = batch_value.mean(0).reshape(features)  # the average of the groups' updates

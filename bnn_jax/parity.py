@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Tuple
+import os
+from typing import Any, Callable, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +108,19 @@ def check_fixture(npz_path: str) -> ParityReport:
     rows.append((torch_key(tuple(p.key for p in path)), delta, float(np.linalg.norm(ref))))
   rows.sort(key=lambda row: row[1] / (GRAD_RTOL * row[2] + GRAD_ATOL), reverse=True)
   return ParityReport(outputs, rows)
+
+
+def report_fixtures(paths: List[str], check: Callable[[str], Any]) -> bool:
+  """Runs ``check`` (:func:`check_fixture`, :func:`bnn_jax.trajectory.check_trajectory`) on every
+  fixture, prints each report; True when all are within tolerance."""
+  failed = []
+  for path in paths:
+    report = check(path)
+    print(f"{os.path.basename(path)}: {'PASS' if report.passed else 'FAIL'}")
+    for line in report.lines():
+      print("  " + line)
+    if not report.passed:
+      failed.append(path)
+  if failed:
+    print(f"{len(failed)} of {len(paths)} fixture(s) outside tolerance: {failed}")
+  return not failed

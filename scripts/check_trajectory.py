@@ -13,23 +13,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bnn_jax.parity import report_fixtures  # noqa: E402
 from bnn_jax.trajectory import check_trajectory  # noqa: E402
 
 
 def main(paths):
   if not paths:
     sys.exit(__doc__)
-  failed = []
-  for path in paths:
-    report = check_trajectory(path)
-    print(f"{os.path.basename(path)}: {'PASS' if report.passed else 'FAIL'}")
-    for line in report.lines():
-      print("  " + line)
-    if not report.passed:
-      failed.append(path)
-  if failed:
-    print(f"{len(failed)} of {len(paths)} trajectory fixture(s) outside tolerance: {failed}")
-    sys.exit(1)
+  sys.exit(0 if report_fixtures(paths, check_trajectory) else 1)
 
 
 if __name__ == "__main__":
