@@ -1,9 +1,9 @@
 """Optimizers, learning-rate schedules and weight-decay masks from config, through optax.
 
 Schedules follow mmcv's LrUpdater hooks of the original: ``step`` (×gamma at
-each milestone), ``poly`` and ``cosine`` over epochs (``by_epoch``) or
-iterations, with optional linear warmup over ``warmup_iters`` iterations from
-``warmup_ratio``·lr. Weight decay is PyTorch's (added to the gradient before
+each milestone, never below ``min_lr``), ``poly`` and ``cosine`` over epochs
+(``by_epoch``) or iterations, with an optional warmup (linear, exp or constant,
+as mmcv's) over ``warmup_iters`` iterations from ``warmup_ratio``·lr. Weight decay is PyTorch's (added to the gradient before
 the update) for SGD and Adam, decoupled for AdamW.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bnn_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "poly", "cosine", "constant")
+WARMUPS = (None, "linear", "exp", "constant")
 
 
 def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -35,7 +36,7 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
     remaining = (length - progress) / length
     if name == "step":
       milestones = jnp.asarray(config.milestones)
-      return base * config.get("gamma", 0.1) ** jnp.sum(progress >= milestones)
+      return jnp.maximum(base * config.get("gamma", 0.1) ** jnp.sum(progress >= milestones), min_lr)
     if name == "poly":
       return (base - min_lr) * remaining ** config.get("power", 1.0) + min_lr
     if name == "cosine":
@@ -43,16 +44,24 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
     return jnp.asarray(base)
 
   warmup = config.get("warmup")
-  if warmup not in (None, "linear"):
-    raise ConfigError(f"unknown warmup {warmup!r}; valid: ['linear', None]")
+  if warmup not in WARMUPS:
+    raise ConfigError(f"unknown warmup {warmup!r}; valid: {list(WARMUPS)}")
   warmup_iters, warmup_ratio = config.get("warmup_iters", 0), config.get("warmup_ratio", 0.1)
+
+  def warmup_factor(step):
+    """mmcv's warmup: the factor on the regular rate during the first warmup_iters iterations."""
+    left = (warmup_iters - step) / warmup_iters  # 1 at the start, 0 at the end of the warmup
+    if warmup == "linear":
+      return 1 - left * (1 - warmup_ratio)
+    if warmup == "exp":
+      return warmup_ratio ** left
+    return jnp.asarray(warmup_ratio)  # constant
 
   def schedule(step):
     step = jnp.asarray(step)
     lr = regular(step)
     if warmup and warmup_iters:
-      shortfall = (1 - step / warmup_iters) * (1 - warmup_ratio)
-      lr = jnp.where(step < warmup_iters, lr * (1 - shortfall), lr)
+      lr = jnp.where(step < warmup_iters, lr * warmup_factor(step), lr)
     return jnp.asarray(lr, jnp.result_type(float))  # float32, or float64 under jax_enable_x64
 
   return schedule

@@ -28,6 +28,7 @@ from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import abstract_variables, build_model
+from bnn_jax.optim import WARMUPS
 from bnn_jax.parity import read_fixture, relative_error
 
 LOSS_RTOL = 1e-4  # the objective of every step
@@ -36,7 +37,9 @@ FINAL_RTOL = 1e-3  # all final parameters and BatchNorm statistics together, nor
 
 _OPTIMIZERS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
 _POLICIES = {"step": "step", "poly": "poly", "CosineAnnealing": "cosine", "fixed": "constant"}
-_TEACHER_BATCHNORM = {"train": "batch", "batch": "batch", "eval": "running", "running": "running"}
+# The teacher's mode as a fixture or recipe may name it: train mode = batch statistics.
+_TEACHER_BATCHNORM = {"train": "batch", "training": "batch", "batch": "batch",
+                      "eval": "running", "evaluation": "running", "running": "running"}
 
 
 def _unsupported(what: str, leftover: Mapping[str, Any], supported) -> None:
@@ -79,16 +82,18 @@ def schedule_from_mmcv(spec: Mapping[str, Any], base_lr: float, epochs: int,
   out = {"name": _POLICIES[policy], "by_epoch": bool(spec.pop("by_epoch", True))}
   warmup = spec.pop("warmup", None)
   if warmup is not None:
-    if warmup != "linear" or spec.pop("warmup_by_epoch", False):
-      raise ConfigError(f"warmup {warmup!r} (by epoch: no) is the only warmup supported: 'linear'")
-    out.update(warmup="linear", warmup_iters=int(spec.pop("warmup_iters", 0)),
+    if warmup not in WARMUPS or spec.pop("warmup_by_epoch", False):
+      raise ConfigError(f"warmup {warmup!r} (by epoch) is not supported; supported: "
+                        f"{[w for w in WARMUPS if w]}, by iteration")
+    out.update(warmup=warmup, warmup_iters=int(spec.pop("warmup_iters", 0)),
                warmup_ratio=float(spec.pop("warmup_ratio", 0.1)))
   if policy == "step":
     milestones = spec.pop("step")
     if isinstance(milestones, int):  # every `step` epochs (iterations)
       length = epochs if out["by_epoch"] else epochs * iters_per_epoch
       milestones = range(milestones, length, milestones)
-    out.update(milestones=tuple(int(m) for m in milestones), gamma=float(spec.pop("gamma", 0.1)))
+    out.update(milestones=tuple(int(m) for m in milestones), gamma=float(spec.pop("gamma", 0.1)),
+               min_lr=float(spec.pop("min_lr", None) or 0.0))
   elif policy == "poly":
     out.update(power=float(spec.pop("power", 1.0)), min_lr=float(spec.pop("min_lr", 0.0)))
   elif policy == "CosineAnnealing":
@@ -117,7 +122,7 @@ def config_from_mmcv(recipe: Mapping[str, Any]) -> ml_collections.ConfigDict:
                            stem_channels=teacher.get("stem_channels", 64),
                            base_channels=teacher.get("base_channels", 64),
                            num_classes=teacher.get("num_classes", c.model.num_classes))
-    mode = distill.get("teacher_batchnorm", "train")
+    mode = str(distill.get("teacher_batchnorm", "train")).lower()
     if mode not in _TEACHER_BATCHNORM:
       raise ConfigError(f"distill.teacher_batchnorm {mode!r}; valid: {sorted(_TEACHER_BATCHNORM)}")
     c.teacher.batchnorm = _TEACHER_BATCHNORM[mode]

@@ -50,6 +50,16 @@ def test_step_schedule_with_linear_warmup_as_mmcv():
   assert float(lr(99_999)) == pytest.approx(0.0004)
 
 
+def test_exp_and_constant_warmups_and_step_floor_as_mmcv():
+  lr = make_lr_schedule(schedule(lr=1.0, milestones=(1, 2), gamma=0.1, min_lr=0.05, warmup="exp",
+                                 warmup_iters=4, warmup_ratio=0.01), steps_per_epoch=10,
+                        total_steps=30)
+  assert [float(lr(s)) for s in (0, 2, 4, 10, 25)] == pytest.approx([0.01, 0.1, 1.0, 0.1, 0.05])
+  lr = make_lr_schedule(schedule(lr=1.0, milestones=(1,), warmup="constant", warmup_iters=4,
+                                 warmup_ratio=0.25), steps_per_epoch=10, total_steps=30)
+  assert [float(lr(s)) for s in (0, 3, 4)] == pytest.approx([0.25, 0.25, 1.0])
+
+
 def test_poly_schedule_by_iteration():
   lr = make_lr_schedule(schedule(lr=1e-3, name="poly", by_epoch=False, min_lr=0.0),
                         steps_per_epoch=10, total_steps=1000)

@@ -39,11 +39,11 @@ def test_mmcv_lr_configs_translate_with_mmcv_defaults():
   assert schedule_from_mmcv(dict(policy="step", warmup="linear", warmup_iters=2500, warmup_ratio=0.25,
                                  step=[30, 60, 90]), 0.4, 100, 1252) == dict(
       name="step", by_epoch=True, warmup="linear", warmup_iters=2500, warmup_ratio=0.25,
-      milestones=(30, 60, 90), gamma=0.1)
+      milestones=(30, 60, 90), gamma=0.1, min_lr=0.0)
   assert schedule_from_mmcv(dict(policy="step", step=30), 0.1, 90, 10)["milestones"] == (30, 60)
   assert schedule_from_mmcv(dict(policy="CosineAnnealing", min_lr_ratio=0.01), 0.5, 10, 10)["min_lr"] == 0.005
-  with pytest.raises(ConfigError, match="'exp'"):
-    schedule_from_mmcv(dict(policy="step", step=[1], warmup="exp"), 0.1, 3, 4)
+  with pytest.raises(ConfigError, match="'cubic'"):
+    schedule_from_mmcv(dict(policy="step", step=[1], warmup="cubic"), 0.1, 3, 4)
 
 
 def test_distill_sections_translate_to_the_objective_and_the_teacher():
