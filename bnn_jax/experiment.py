@@ -102,7 +102,7 @@ class Experiment:
     else:
       raise ConfigError(f"teacher.checkpoint {teacher.checkpoint} does not exist")
     record = {"checkpoint": os.path.abspath(teacher.checkpoint), "step": step_restored,
-              "model": teacher.model.to_dict()}
+              "model": teacher.model.to_dict(), "batchnorm": teacher.batchnorm}
     return model, variables, record
 
   def make_train_step(self, tx: optax.GradientTransformation, lr_schedule, ede=None, teacher=None):
