@@ -318,11 +318,9 @@ def _options():
 def steps_per_epoch(num_examples: int, global_batch: int, drop_last: bool = False) -> int:
   """Iterations per epoch: the original's DataLoader keeps the last partial batch (ceil);
   ``drop_last`` drops it (floor)."""
-  steps = num_examples // global_batch if drop_last else -(-num_examples // global_batch)
-  if steps == 0:
-    raise ConfigError(f"train.batch_size {global_batch} exceeds the {num_examples} training "
-                      "examples (with train.drop_last)")
-  return steps
+  if global_batch > num_examples:
+    raise ConfigError(f"train.batch_size {global_batch} exceeds the {num_examples} training examples")
+  return num_examples // global_batch if drop_last else -(-num_examples // global_batch)
 
 
 def train_batches(source: Source, config, batch_size: int, seed: int, steps: int,
