@@ -358,7 +358,8 @@ def main():
   from bnn_jax.models import build_model
 
   config = cli.config_flag("A config file; its model is analysed.")
-  shape = flags.DEFINE_integer("shape", None, "Input height and width (default: the config's).")
+  shape = flags.DEFINE_integer("shape", None, "Input height and width (default: the config's).",
+                               lower_bound=1)
   as_json = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
   plot_path = flags.DEFINE_string("plot", None, "Write a per-layer bar chart to this PNG.")
 

@@ -8,7 +8,7 @@ from typing import Callable, Sequence, Tuple, Type
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bnn_jax.errors import ConfigError
+from bnn_jax.errors import ConfigError, one_line
 
 
 def config_flag(help_text: str) -> flags.FlagHolder:
@@ -24,13 +24,30 @@ def run(body: Callable[[], None], required: Sequence[flags.FlagHolder],
     logging.set_verbosity(logging.WARNING)  # our lines and the progress bar, not JAX's chatter
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    missing = [f"--{holder.name}" for holder in required if holder.value is None]
+    try:  # a config file that failed to load raises on first use: make that use here
+      missing = [f"--{holder.name}" for holder in required
+                 if holder.value is None or not hasattr(holder.value, "__len__")]
+    except Exception as error:  # noqa: BLE001 - whatever ml_collections raises for a bad config
+      fail(f"bad --config: {one_line(error)}")
     if missing:
       raise app.UsageError(f"required: {', '.join(missing)}")
     try:
       body()
     except errors as error:
-      print(f"error: {error}", file=sys.stderr)
-      sys.exit(1)
+      fail(str(error))
 
-  app.run(main)
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as error:  # a value absl cannot parse
+      fail(one_line(error))
+    except Exception as error:  # noqa: BLE001 - a misspelt --config.a.b field, from ml_collections
+      fail(f"bad --config override: {one_line(error)}")
+
+  app.run(main, flags_parser=parse)
+
+
+def fail(message: str) -> None:
+  """``error: message`` on stderr, exit status 1: how every user error ends."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)

@@ -10,7 +10,9 @@ PyTorch key of each leaf, and transpose kernels (OIHW -> HWIO, (out, in) ->
 """
 from __future__ import annotations
 
+import os
 import pickle
+import zipfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -51,9 +53,17 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   Accepts mmcv checkpoints (``{"state_dict": ...}``), DDP's ``module.`` prefix
   and parity fixtures (``state_dict/<key>`` entries of an ``.npz``).
   """
+  if not os.path.isfile(path):
+    raise ConfigError(f"no checkpoint file {path}")
+  if not zipfile.is_zipfile(path):  # .npz files and torch.save's (since PyTorch 1.6) are zip archives
+    raise ConfigError(f"{path} is not a readable checkpoint: not a complete zip archive (truncated, "
+                      "damaged, or neither a .npz nor a torch.save file)")
   if path.endswith(".npz"):
-    with np.load(path) as data:
-      entries = {k: data[k] for k in data.files}
+    try:
+      with np.load(path) as data:
+        entries = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+      raise ConfigError(f"cannot read {path}: {error}") from None
     state = with_prefix(entries, "state_dict/") or entries
   else:
     try:
@@ -64,9 +74,12 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     # A checkpoint is untrusted input: tensors and plain containers only, no arbitrary unpickling.
     try:
       loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
       raise ConfigError(f"{path} holds more than tensors and plain containers, which are not "
-                        f"loaded (weights_only=True): {str(error).splitlines()[0]}") from None
+                        "loaded (weights_only=True: a checkpoint is untrusted input)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+      raise ConfigError(f"cannot read {path}, damaged or truncated: "
+                        f"{str(error).split('. ')[0]}") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
       loaded = loaded["state_dict"]
     state = {k: v.detach().float().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
@@ -164,7 +177,6 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any
   checkpoints = Checkpoints(out, max_to_keep=None)
   checkpoints.save(0, state, {"config": json.loads(config.to_json_best_effort()), "step": 0,
                               "epoch": 0, "converted_from": torch_checkpoint})
-  checkpoints.wait()
   return variables
 
 

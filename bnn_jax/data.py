@@ -128,6 +128,9 @@ def _image_folder_source(root: Optional[str], split: str, process_index: int,
     raise DataError(f"image folder split not found: {os.path.join(root or '<dataset.path unset>', split)} "
                     "(expected dataset.path/<split>/<class>/*.jpg)")
   builder = tfds.ImageFolder(root)
+  if split not in builder.info.splits or not builder.info.splits[split].num_examples:
+    raise DataError(f"no images in class folders under {os.path.join(root, split)} (expected "
+                    "dataset.path/<split>/<class>/*.jpg)")
   num_examples = builder.info.splits[split].num_examples
 
   def make(seed: Optional[int]):

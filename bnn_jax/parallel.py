@@ -51,6 +51,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, what: str = "global batch size") -> int:
   """The per-process batch; a clear error when ``global_batch`` does not split over the devices."""
   devices = jax.device_count()
+  if global_batch < 1:
+    raise ConfigError(f"{what} must be positive, not {global_batch}")
   if global_batch % devices:
     raise ConfigError(f"{what} {global_batch} is not divisible by the {devices} devices; "
                       f"use a multiple of {devices}")
