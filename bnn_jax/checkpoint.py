@@ -8,16 +8,16 @@ checkpoint saved on 8 devices restores on 1 or 2.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-from bnn_jax.errors import ConfigError
+from bnn_jax.errors import ConfigError, one_line
 
 
 class CheckpointError(ConfigError):
-  """A checkpoint that is missing or belongs to another model."""
+  """A checkpoint that is missing, unreadable, unwritable or of another model."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -42,6 +42,7 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    self.skipped: List[int] = []  # damaged steps that a restore fell back past
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -50,12 +51,18 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: Dict[str, Any]) -> None:
-    """Saves in the background; call :meth:`wait` before the process exits."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Saves ``state`` and ``meta`` as step ``step`` and waits for the write, so that a failure
+    (a full disk) stops the run here, with the last good checkpoint intact."""
+    previous = self.latest_step()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - whatever the file system or Orbax raised
+      kept = f"the last good checkpoint, step {previous}, is intact" if previous is not None else (
+          "no earlier checkpoint")
+      raise CheckpointError(f"saving step {step} to {self.directory} failed ({one_line(error)}); "
+                            f"{kept}") from None
 
   def _check_step(self, step: Optional[int]) -> int:
     step = self.latest_step() if step is None else step
@@ -64,54 +71,112 @@ class Checkpoints:
                             f"available: {self.steps()}")
     return step
 
+  def _newest_restorable(self, step: Optional[int], restore: Callable[[int], Any]) -> Tuple[int, Any]:
+    """(step, restore(step)) for ``step``; without one, for the newest step that restores: a
+    damaged step is skipped with one line saying why (and kept on disk, listed in ``skipped``)."""
+    if step is not None:
+      return step, restore(self._check_step(step))
+    candidates = sorted(self.steps(), reverse=True)
+    if not candidates:
+      raise CheckpointError(f"no checkpoints in {self.directory}")
+    for candidate in candidates:
+      try:
+        return candidate, restore(candidate)
+      except CheckpointError:  # another model's checkpoint: not damage, nothing to fall back to
+        raise
+      except Exception as error:  # noqa: BLE001 - any way a step can be damaged
+        self.skipped.append(candidate)
+        if jax.process_index() == 0:
+          print(f"skipping checkpoint step {candidate} in {self.directory}: it cannot be restored "
+                f"({one_line(error)[:300]})", flush=True)
+    raise CheckpointError(f"no checkpoint in {self.directory} can be restored (steps {candidates})")
+
   def meta(self, step: Optional[int] = None) -> Dict[str, Any]:
+    """The metadata saved with ``step`` (default: the latest)."""
     step = self._check_step(step)
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, state_template: Any, sharding, step: Optional[int] = None
-              ) -> Tuple[Any, Dict[str, Any]]:
-    """The state at ``step`` (default: latest), shaped like ``state_template``, and its metadata."""
-    step = self._check_step(step)
-    self._check_fits(step, state_template)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(state_template, sharding)),
-        meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+  def restore(self, state_template: Any, sharding, step: Optional[int] = None,
+              model_name: str = "this config's model") -> Tuple[Any, Dict[str, Any]]:
+    """The state at ``step`` (default: the newest that restores), shaped like ``state_template``,
+    and its metadata."""
+
+    def restore_step(s):
+      self._check_fits(s, state_template, model_name)
+      restored = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_like(state_template, sharding)),
+          meta=ocp.args.JsonRestore()))
+      return restored["state"], restored["meta"]
+
+    return self._newest_restorable(step, restore_step)[1]
 
   def restore_variables(self, variables_template: Dict[str, Any], sharding,
-                        step: Optional[int] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Only ``params`` and ``batch_stats`` (for evaluation, teachers), whatever else was saved."""
-    step = self._check_step(step)
-    self._check_fits(step, variables_template)
-    saved = self.saved_tree(step, sharding)
-    return {k: saved[k] for k in variables_template}, self.meta(step)
+                        step: Optional[int] = None, model_name: str = "this config's model"
+                        ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Only ``params`` and ``batch_stats`` (for evaluation, teachers), whatever else was saved.
+    A checkpoint with tensors the model lacks, or without some it has, is refused."""
 
-  def saved_tree(self, step: Optional[int], sharding) -> Any:
-    """Whatever state tree was saved at ``step``, as arrays with ``sharding`` (for partial loads)."""
-    step = self._check_step(step)
+    def restore_step(s):
+      self._check_fits(s, variables_template, model_name)
+      saved, meta = self._restore_saved_tree(s, sharding)
+      return {k: saved[k] for k in variables_template}, meta
+
+    return self._newest_restorable(step, restore_step)[1]
+
+  def saved_tree(self, step: Optional[int], sharding) -> Tuple[int, Any, Dict[str, Any]]:
+    """(step, whatever state tree was saved there as arrays with ``sharding``, its metadata):
+    for partial loads; without ``step``, the newest that restores."""
+    step, (tree, meta) = self._newest_restorable(
+        step, lambda s: self._restore_saved_tree(s, sharding))
+    return step, tree, meta
+
+  def _restore_saved_tree(self, step: int, sharding) -> Tuple[Any, Dict[str, Any]]:
     tree = self.manager.item_metadata(step)["state"].tree
     abstract = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-    return self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
 
-  def _check_fits(self, step: int, state_template: Any) -> None:
-    """A clear error, before any restore, when the checkpoint was saved by another model."""
+  def set_aside_skipped(self) -> List[str]:
+    """Renames the damaged steps that restores skipped to ``<step>.damaged`` (nothing is deleted),
+    so that a resumed run can save those steps again; returns the new paths."""
+    moved = []
+    for step in self.skipped:
+      source = os.path.join(self.directory, str(step))
+      target = f"{source}.damaged"
+      if os.path.isdir(source) and not os.path.exists(target):
+        os.rename(source, target)
+        moved.append(target)
+    self.skipped = []
+    self.manager.reload()
+    return moved
+
+  def _saved_model_name(self, step: int) -> str:
+    try:
+      return self.meta(step)["config"]["model"]["arch"]
+    except Exception:  # noqa: BLE001 - a converted or damaged checkpoint may not say
+      return "unknown"
+
+  def _check_fits(self, step: int, template: Any, model_name: str) -> None:
+    """One clear line, before any restore, when the checkpoint was saved by another model: any
+    tensor missing, unexpected (under the template's top-level names) or of another shape."""
     saved = self.manager.item_metadata(step)["state"].tree
-    want = {jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(state_template)[0]}
-    have = {jax.tree_util.keystr(p): tuple(m.shape)
+    want = {_normalise_key(jax.tree_util.keystr(p)): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(template)[0]}
+    tops = {key.split(".")[1] for key in want}
+    have = {_normalise_key(jax.tree_util.keystr(p)): tuple(m.shape)
             for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    have = {_normalise_key(k): v for k, v in have.items()}
-    want = {_normalise_key(k): v for k, v in want.items()}
-    missing = sorted(set(want) - set(have))
-    misshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or misshaped:
-      detail = (missing[:5] and f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}; " or "") + (
-          misshaped and "shapes differ at " + ", ".join(
-              f"{k} (checkpoint {have[k]}, model {want[k]})" for k in misshaped[:5]) or "")
-      raise CheckpointError(f"checkpoint {self.directory}/{step} was saved by a different model: "
-                            f"{detail.rstrip('; ')}")
+    have = {key: shape for key, shape in have.items() if key.split(".")[1] in tops}
+    problems = [(what, sorted(keys)) for what, keys in (
+        ("missing", set(want) - set(have)), ("unexpected", set(have) - set(want)),
+        ("shapes differ at", {k for k in set(want) & set(have) if want[k] != have[k]}))]
+    problems = [(what, keys) for what, keys in problems if keys]
+    if problems:
+      detail = "; ".join(f"{what} {len(keys)}: {keys[:3]}{' …' if len(keys) > 3 else ''}"
+                         for what, keys in problems)
+      raise CheckpointError(f"checkpoint {self.directory}/{step} holds another model "
+                            f"({self._saved_model_name(step)}) than {model_name}: {detail}")
 
 
 def _normalise_key(key: str) -> str:

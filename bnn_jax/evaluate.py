@@ -21,7 +21,8 @@ def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
   experiment = Experiment.from_config(config)
   checkpoints = Checkpoints(workdir, read_only=True)
   variables, meta = checkpoints.restore_variables(
-      experiment.variables_template(), parallel.replicated(experiment.mesh), step)
+      experiment.variables_template(), parallel.replicated(experiment.mesh), step,
+      model_name=f"the config's ({config.model.arch})")
   state = TrainState(jax.numpy.asarray(meta["step"]), variables["params"], variables["batch_stats"], None)
   return experiment.evaluate(state) | {"step": int(meta["step"])}
 

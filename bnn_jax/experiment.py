@@ -94,7 +94,7 @@ class Experiment:
     sharding = parallel.replicated(self.mesh)
     if os.path.isdir(teacher.checkpoint):
       variables, meta = Checkpoints(teacher.checkpoint, read_only=True).restore_variables(
-          template, sharding, teacher.step)
+          template, sharding, teacher.step, model_name=f"the teacher ({teacher.model.arch})")
       step_restored = meta.get("step")
     elif os.path.isfile(teacher.checkpoint):
       variables = jax.device_put(torch_to_flax(load_state_dict(teacher.checkpoint), template), sharding)
@@ -137,7 +137,7 @@ class Experiment:
 def partial_load(fresh: Any, loaded: Any):
   """``fresh`` with every leaf that ``loaded`` has at the same path and shape replaced.
 
-  Returns (tree, restored paths, freshly initialised paths).
+  Returns (tree, restored paths, freshly initialised paths, paths of ``loaded`` left unused).
   """
   available = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
   restored, fresh_paths = [], []
@@ -151,4 +151,6 @@ def partial_load(fresh: Any, loaded: Any):
     fresh_paths.append(key)
     return value
 
-  return jax.tree_util.tree_map_with_path(pick, fresh), restored, fresh_paths
+  tree = jax.tree_util.tree_map_with_path(pick, fresh)
+  unused = sorted(set(available) - set(restored))
+  return tree, restored, fresh_paths, unused

@@ -12,6 +12,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -20,9 +21,16 @@ from bnn_jax.checkpoint import CheckpointError, Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment, partial_load
 from bnn_jax.report import Reporter
+from bnn_jax.workdir import claim
 
 class NonFiniteLoss(RuntimeError):
   pass
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when every value of ``tree`` is finite: one reduction on device, fetched at saves only."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 class _Preemption:
@@ -42,18 +50,33 @@ def _config_json(config) -> dict:
 
 def _load_from(experiment: Experiment, state: step.TrainState, path: str, reporter: Reporter):
   """Initialises params and batch_stats from another run's latest checkpoint (step 2 from step 1)."""
-  source = Checkpoints(path, read_only=True)
-  saved = source.saved_tree(None, parallel.replicated(experiment.mesh))
-  params, restored, fresh = partial_load(state.params, saved["params"])
-  batch_stats, restored_bs, fresh_bs = partial_load(state.batch_stats, saved.get("batch_stats", {}))
-  reporter.log(f"load_from {path} (step {source.latest_step()}): restored {len(restored)} parameter "
-               f"and {len(restored_bs)} statistic tensors; initialised fresh: "
-               f"{fresh + fresh_bs if fresh + fresh_bs else 'none'}")
+  step_loaded, saved, meta = Checkpoints(path, read_only=True).saved_tree(
+      None, parallel.replicated(experiment.mesh))
+  model = experiment.config.model
+  saved_model = meta.get("config", {}).get("model", {})
+  if saved_model and (saved_model.get("backbone"), saved_model.get("arch")) != (model.backbone, model.arch):
+    raise CheckpointError(f"train.load_from {path} holds another model ({saved_model.get('arch')}) "
+                          f"than this config's ({model.arch})")
+  params, restored, fresh, unused = partial_load(state.params, saved["params"])
+  batch_stats, restored_bs, fresh_bs, unused_bs = partial_load(state.batch_stats,
+                                                                saved.get("batch_stats", {}))
+  reporter.log(f"load_from {path} (step {step_loaded}): restored {len(restored)} parameter and "
+               f"{len(restored_bs)} statistic tensors; initialised fresh: {fresh + fresh_bs or 'none'}; "
+               f"in the checkpoint but not in this model, not loaded: {unused + unused_bs or 'none'}")
   return state.replace(params=params, batch_stats=batch_stats)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains as ``config`` says, checkpointing into ``workdir``; returns the final eval metrics."""
+  """Trains as ``config`` says, checkpointing into ``workdir`` (locked for the run: see
+  :mod:`bnn_jax.workdir`); returns the final eval metrics."""
+  with claim(workdir) as lock:
+    if lock is not None and lock.took_over:
+      print(f"{workdir}: took over the lock of a run that is gone (pid {lock.took_over.get('pid')} "
+            f"on {lock.took_over.get('host')})", flush=True)
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   reporter = Reporter(workdir, config.train.progress)
   experiment = Experiment.from_config(config)
   mesh = experiment.mesh
@@ -79,14 +102,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   checkpoints = Checkpoints(workdir, config.train.max_to_keep)
   best = {"top1": -1.0, "step": None}
-  if checkpoints.latest_step() is not None:
-    saved_model = checkpoints.meta().get("config", {}).get("model")
+  if checkpoints.steps():
+    state, meta = checkpoints.restore(state, parallel.replicated(mesh),
+                                      model_name=f"the config's ({config.model.arch})")
+    saved_model = meta.get("config", {}).get("model")
     if saved_model is not None and saved_model != _config_json(config)["model"]:
       raise CheckpointError(f"{workdir} holds checkpoints of a different model "
                             f"({saved_model.get('arch')} vs {config.model.arch}); use a new --workdir")
-    state, meta = checkpoints.restore(state, parallel.replicated(mesh))
     best = meta.get("best", best)
-    reporter.log(f"resuming from step {int(state.step)} in {checkpoints.directory}")
+    moved = checkpoints.set_aside_skipped()
+    reporter.log(f"resuming from step {int(state.step)} in {checkpoints.directory}"
+                 + (f"; damaged later steps set aside, not deleted: {moved}" if moved else ""))
   elif config.train.load_from:
     state = _load_from(experiment, state, config.train.load_from, reporter)
   start_step = int(state.step)
@@ -102,6 +128,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                f"in {jax.process_count()} process(es), {config.parallel.mode}")
 
   def save(current_step: int) -> None:
+    if not bool(all_finite((state.params, state.batch_stats))):  # never a non-finite "last good"
+      raise NonFiniteLoss(f"parameters became non-finite by step {current_step}; not saved. The last "
+                          f"good checkpoint (step {checkpoints.latest_step()}) is intact in "
+                          f"{checkpoints.directory}")
     checkpoints.save(current_step, state, {
         "config": _config_json(config), "step": current_step,
         "epoch": current_step / steps_per_epoch, "best": best, "teacher": teacher_record})
@@ -144,7 +174,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if preemption.requested:
         reporter.end_epoch()
         save(current)
-        checkpoints.wait()
         reporter.log(f"SIGTERM: saved step {current} to {checkpoints.directory}; rerun the same "
                      "command to resume")
         return eval_metrics
@@ -167,7 +196,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         + (f" | eval loss {eval_metrics['loss']:.4f} top-1 {eval_metrics['top1']:.2%} "
            f"top-5 {eval_metrics['top5']:.2%}" if evaluated else "")
         + f" | {epoch_images_per_s:.0f} img/s")
-  checkpoints.wait()
   if config.train.plot:
     path = reporter.plot()
     if path:

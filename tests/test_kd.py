@@ -151,7 +151,7 @@ def test_digits_recipe_runs_teacher_then_two_distilled_steps(tmp_path):
   meta = student.meta()
   assert meta["teacher"]["checkpoint"] == str(tmp_path / "teacher")
   assert meta["teacher"]["model"]["arch"] == "ResNet-18"
-  saved = student.saved_tree(None, None)
+  _, saved, _ = student.saved_tree(None, None)
   assert set(saved) == {"step", "params", "batch_stats", "opt_state"}
   assert "layer1.0" in saved["params"]["backbone"] and "move1" in saved["params"]["backbone"]["layer1.0"]
   # Rerunning the recipe resumes: every stage is already finished and only evaluated.

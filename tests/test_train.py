@@ -22,7 +22,7 @@ RECIPES = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("cifar10
 
 def final_params(workdir):
   checkpoints = Checkpoints(workdir, read_only=True)
-  return jax.device_get(checkpoints.saved_tree(None, None)["params"])
+  return jax.device_get(checkpoints.saved_tree(None, None)[1]["params"])
 
 
 def assert_trees_equal(a, b):
@@ -93,7 +93,7 @@ def test_checkpoint_of_another_model_is_refused(uninterrupted):
   config, workdir, _ = uninterrupted
   other = config.copy_and_resolve_references()
   other.model.base_channels = 16
-  with pytest.raises(ConfigError, match="different model"):
+  with pytest.raises(ConfigError, match="another model"):
     train_and_evaluate(other, workdir)
 
 
