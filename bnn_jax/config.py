@@ -119,7 +119,8 @@ def imagenet(colour_jitter: bool = False, resize: str = "cv2") -> ml_collections
   return ml_collections.ConfigDict(dict(
       name="imagenet2012", path=placeholder(str), train_split="train", eval_split="validation",
       image_size=224, augment="imagenet_colorjitter" if colour_jitter else "imagenet", resize=resize,
-      mean=IMAGENET_MEAN, std=IMAGENET_STD, shuffle_buffer=16384))
+      mean=IMAGENET_MEAN, std=IMAGENET_STD, shuffle_buffer=16384,
+      bad_images="skip"))
 
 
 def cifar10(path=None) -> ml_collections.ConfigDict:
@@ -127,11 +128,12 @@ def cifar10(path=None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="image_folder" if path else "cifar10", path=ml_collections.FieldReference(path, field_type=str), train_split="train",
       eval_split="test", image_size=32, augment="cifar", mean=CIFAR_MEAN, std=CIFAR_STD,
-      shuffle_buffer=50000))
+      shuffle_buffer=50000, bad_images="skip"))
 
 
 def digits() -> ml_collections.ConfigDict:
   """scikit-learn's 8×8 handwritten digits: the embedded offline data set."""
   return ml_collections.ConfigDict(dict(
       name="digits", path=placeholder(str), train_split="train", eval_split="test", image_size=8,
-      augment="digits", mean=(127.5,), std=(127.5,), shuffle_buffer=2048))
+      augment="digits", mean=(127.5,), std=(127.5,), shuffle_buffer=2048,
+      bad_images="skip"))

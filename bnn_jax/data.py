@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -140,7 +141,8 @@ def _image_folder_source(root: Optional[str], split: str, process_index: int,
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
     ds = ds.shard(process_count, process_index)
-    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"],
+                              "filename": ex["image/filename"]})
 
   return Source(make, num_examples, len(range(process_index, num_examples, process_count)))
 
@@ -156,7 +158,8 @@ def _builder_source(builder, split: str, process_index: int, process_count: int)
     read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True)
     ds = builder.as_dataset(split=shard, shuffle_files=seed is not None, read_config=read_config,
                             decoders={"image": tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"],
+                              "filename": ex.get("file_name", ex.get("id", tf.constant("")))})
 
   return Source(make, num_examples=splits[split].num_examples,
                 process_examples=splits[shard].num_examples)
@@ -184,6 +187,56 @@ def _decode(image):
 
 
 RESIZES = ("pillow", "cv2")
+BAD_IMAGES = ("skip", "fail")
+# JPEG, PNG, GIF, BMP and WebP files start so: anything else (empty, garbage, text) cannot decode.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+_skipped_files: set = set()
+
+
+def _note_skipped(filename) -> bool:
+  """Host side, for an undecodable file only: names it once per process; False drops it."""
+  name = filename.numpy().decode(errors="replace")
+  if name not in _skipped_files:
+    _skipped_files.add(name)
+    print(f"skipping an undecodable image ({len(_skipped_files)} so far): {name}", flush=True)
+  return False
+
+
+def screen_images(ds, policy: str):
+  """Drops (``skip``: each file named once) or stops at (``fail``: one line naming it) examples
+  whose image bytes are no JPEG, PNG, GIF, BMP or WebP file. Files that start as one but do not
+  decode (truncated) are dropped by :func:`_drop_errors` in ``skip``, and end the run in ``fail``."""
+  if policy not in BAD_IMAGES:
+    raise ConfigError(f"unknown dataset.bad_images {policy!r}; valid: {list(BAD_IMAGES)}")
+
+  def readable(example):
+    image = example["image"]
+    if image.dtype != tf.string:  # already pixels (digits)
+      return tf.constant(True)
+    looks = tf.reduce_any([tf.strings.substr(image, 0, len(m)) == m for m in _IMAGE_MAGIC])
+    if policy == "fail":
+      check = tf.debugging.Assert(looks, ["undecodable image:", example["filename"]])
+      with tf.control_dependencies([check]):
+        return tf.identity(looks)
+    return tf.cond(looks, lambda: tf.constant(True),
+                   lambda: tf.py_function(_note_skipped, [example["filename"]], tf.bool))
+
+  return ds.filter(readable)
+
+
+def _drop_errors(ds, policy: str):
+  """``skip``: drop the examples whose decoding failed (TensorFlow logs each)."""
+  return ds.ignore_errors(log_warning=True) if policy == "skip" else ds
+
+
+def _failing_image(error) -> DataError:
+  """The one line for an image that stopped a ``fail`` run (TensorFlow's error, shortened)."""
+  named = re.search(r"undecodable image:\]\s*\[b?'?([^\]']*)", error.message)
+  if named:
+    return DataError(f"undecodable image {named.group(1)} (dataset.bad_images=skip skips such files)")
+  cause = error.message.split("\n")[0].rsplit(": ", 1)[-1].strip()  # TensorFlow's last clause
+  return DataError(f"an image could not be decoded ({cause}); dataset.bad_images=skip skips such "
+                   "files")
 
 
 def resize_image(image, height_width, backend: str):
@@ -338,17 +391,18 @@ def train_batches(source: Source, config, batch_size: int, seed: int, steps: int
   _tf()
   epoch, offset = divmod(start_step, steps)
   preprocess = make_preprocess(config, train=True)
+  policy = config.get("bad_images", "skip")
   while True:
     epoch_seed = seed * 100003 + epoch
-    ds = source.make(epoch_seed)
+    ds = screen_images(source.make(epoch_seed), policy)
     ds = ds.shuffle(min(config.get("shuffle_buffer", 16384), source.process_examples),
                     seed=epoch_seed, reshuffle_each_iteration=False)
-    ds = ds.repeat().take(steps * batch_size)  # the same order again: the wrap-around fill
-    ds = ds.enumerate().map(
-        lambda i, ex: preprocess(ex, tf.stack([tf.cast(epoch_seed, tf.int64), i])),
-        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.repeat().enumerate()  # the same order again: the wrap-around fill
+    ds = ds.map(lambda i, ex: preprocess(ex, tf.stack([tf.cast(epoch_seed, tf.int64), i])),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _drop_errors(ds, policy).take(steps * batch_size)  # full epochs, even after skips
     ds = ds.batch(batch_size, drop_remainder=True).skip(offset).prefetch(tf.data.AUTOTUNE)
-    yield from ds.with_options(_options()).as_numpy_iterator()
+    yield from _numpy_batches(ds)
     epoch, offset = epoch + 1, 0
 
 
@@ -361,11 +415,27 @@ def eval_batches(source: Source, config, batch_size: int, process_count: int = 1
   per_process = -(-source.num_examples // process_count)
   num_batches = -(-per_process // batch_size)
   preprocess = make_preprocess(config, train=False)
-  ds = source.make(None).map(lambda ex: {**preprocess(ex, tf.zeros([2], tf.int64)), "mask": 1.0},
-                          num_parallel_calls=tf.data.AUTOTUNE)
+  policy = config.get("bad_images", "skip")
+  ds = screen_images(source.make(None), policy).map(
+      lambda ex: {**preprocess(ex, tf.zeros([2], tf.int64)), "mask": 1.0},
+      num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _drop_errors(ds, policy)
   padding = ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).repeat()
   ds = ds.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()).as_numpy_iterator()
+  return _numpy_batches(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _numpy_batches(ds) -> Iterator[dict]:
+  """The batches of ``ds`` as numpy; a data error (an image a ``fail`` run cannot decode) as one line."""
+  iterator = ds.with_options(_options()).as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as error:
+      raise _failing_image(error) from None
+    yield batch
 
 
 def synthetic_batches(batch_size: int, image_size: int, channels: int, num_classes: int,

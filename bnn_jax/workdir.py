@@ -112,8 +112,8 @@ def _saved_any(directory: str) -> bool:
 def claim(directory: str) -> Iterator[Optional[Lock]]:
   """The workdir of a run, checked, created and locked (process 0) for the ``with`` block.
 
-  A block that fails before anything was checkpointed removes a workdir it created, so a failed
-  start leaves nothing behind.
+  A block that fails before anything was checkpointed removes a workdir it created (process 0
+  does), so a failed start leaves nothing behind.
   """
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise ConfigError(f"--workdir {directory} is a file, not a directory")
@@ -130,10 +130,9 @@ def claim(directory: str) -> Iterator[Optional[Lock]]:
       lock.acquire()
     yield lock
   except BaseException:
-    if created and not _saved_any(directory):
-      if lock is not None:
-        lock.release()
-        lock = None
+    if created and lock is not None and not _saved_any(directory):  # process 0 cleans up
+      lock.release()
+      lock = None
       shutil.rmtree(directory, ignore_errors=True)
     raise
   finally:

@@ -172,3 +172,54 @@ def test_other_tools_user_errors_end_in_one_line(tmp_path):
     code, lines = cli_error(*args)
     assert code == 1 and len(lines) == 1 and expected in lines[0], (args, lines)
     assert "weights_only=False" not in lines[0]
+
+
+def image_folder_with_bad_files(root: pathlib.Path, truncated: bool = True) -> pathlib.Path:
+  """train/<class>/ with 8 good PNGs, one garbage file and (``truncated``) a truncated PNG."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for index in range(8):
+    folder = root / "train" / f"class{index % 2}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+  (root / "train" / "class0" / "garbage.jpg").write_bytes(b"this is no image")
+  good = (root / "train" / "class1" / "1.png").read_bytes()
+  if truncated:
+    (root / "train" / "class1" / "truncated.png").write_bytes(good[:40])
+  return root
+
+
+def bad_images_config(root, policy):
+  config = digits_config()
+  config.dataset.update(name="image_folder", path=str(root), image_size=8, augment="none",
+                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bad_images=policy)
+  return config.dataset
+
+
+def test_bad_images_are_skipped_and_named_once(tmp_path, capsys):
+  from bnn_jax import data
+  dataset = bad_images_config(image_folder_with_bad_files(tmp_path), "skip")
+  source = data.open_source(dataset, "train")
+  assert source.num_examples == 10
+  stream = data.train_batches(source, dataset, 4, seed=0, steps=3)
+  batches = [next(stream) for _ in range(6)]  # two epochs of 3 full batches
+  assert all(b["image"].shape == (4, 8, 8, 3) for b in batches)
+  epoch = np.concatenate([b["image"] for b in batches[:3]])
+  assert len({x.tobytes() for x in epoch}) == 8  # the 8 good images, the fill repeats them
+  out = capsys.readouterr().out
+  assert out.count("skipping an undecodable image") == 1 and "garbage.jpg" in out  # once, not per epoch
+
+
+def test_bad_images_fail_at_once_naming_the_file(tmp_path):
+  from bnn_jax import data
+  dataset = bad_images_config(image_folder_with_bad_files(tmp_path / "a", truncated=False), "fail")
+  source = data.open_source(dataset, "train")
+  with pytest.raises(data.DataError, match=r"^undecodable image \S*garbage\.jpg \(dataset.bad_images"):
+    list(data.eval_batches(source, dataset, 4))
+  # A file that starts as a PNG but is cut short: TensorFlow's reason, in one line.
+  (tmp_path / "a" / "train" / "class0" / "garbage.jpg").unlink()
+  (tmp_path / "a" / "train" / "class1" / "cut.png").write_bytes(
+      (tmp_path / "a" / "train" / "class1" / "1.png").read_bytes()[:40])
+  source = data.open_source(dataset, "train")
+  with pytest.raises(data.DataError, match=r"^an image could not be decoded \(Invalid PNG"):
+    list(data.train_batches(source, dataset, 4, seed=0, steps=2))
