@@ -74,9 +74,7 @@ class Checkpoints:
   def _newest_restorable(self, step: Optional[int], restore: Callable[[int], Any]) -> Tuple[int, Any]:
     """(step, restore(step)) for ``step``; without one, for the newest step that restores: a
     damaged step is skipped with one line saying why (and kept on disk, listed in ``skipped``)."""
-    if step is not None:
-      return step, restore(self._check_step(step))
-    candidates = sorted(self.steps(), reverse=True)
+    candidates = [self._check_step(step)] if step is not None else sorted(self.steps(), reverse=True)
     if not candidates:
       raise CheckpointError(f"no checkpoints in {self.directory}")
     for candidate in candidates:
@@ -85,10 +83,13 @@ class Checkpoints:
       except CheckpointError:  # another model's checkpoint: not damage, nothing to fall back to
         raise
       except Exception as error:  # noqa: BLE001 - any way a step can be damaged
+        reason = f"checkpoint step {candidate} in {self.directory} cannot be restored " \
+                 f"({one_line(error)[:300]})"
+        if step is not None:  # the step asked for: no other will do
+          raise CheckpointError(reason) from None
         self.skipped.append(candidate)
         if jax.process_index() == 0:
-          print(f"skipping checkpoint step {candidate} in {self.directory}: it cannot be restored "
-                f"({one_line(error)[:300]})", flush=True)
+          print(f"skipping {reason}", flush=True)
     raise CheckpointError(f"no checkpoint in {self.directory} can be restored (steps {candidates})")
 
   def meta(self, step: Optional[int] = None) -> Dict[str, Any]:

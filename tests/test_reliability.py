@@ -102,6 +102,8 @@ def test_resume_and_evaluate_fall_back_past_a_damaged_latest_step(two_epochs, ca
   assert metrics["step"] == 23
   assert capsys.readouterr().out.count("skipping checkpoint step 46") == 1
   assert (damaged / "checkpoints" / "46").is_dir()  # evaluation changes nothing
+  with pytest.raises(CheckpointError, match="checkpoint step 46 .* cannot be restored"):
+    evaluate_checkpoint(config, str(damaged), step=46)  # that step, asked for: one line
   resumed = train_and_evaluate(config, str(damaged))  # resumes at 23, trains to 46 again
   assert (damaged / "checkpoints" / "46.damaged").is_dir()  # set aside, not deleted
   assert Checkpoints(str(damaged), read_only=True).steps() == [23, 46]
