@@ -24,11 +24,13 @@ def run(body: Callable[[], None], required: Sequence[flags.FlagHolder],
     logging.set_verbosity(logging.WARNING)  # our lines and the progress bar, not JAX's chatter
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:  # a config file that failed to load raises on first use: make that use here
-      missing = [f"--{holder.name}" for holder in required
-                 if holder.value is None or not hasattr(holder.value, "__len__")]
+    values = {f"--{holder.name}": holder.value for holder in required}
+    try:
+      for value in values.values():
+        getattr(value, "to_dict", None)  # a config file that failed to load raises on first use
     except Exception as error:  # noqa: BLE001 - whatever ml_collections raises for a bad config
       fail(f"bad --config: {one_line(error)}")
+    missing = [name for name, value in values.items() if value is None]
     if missing:
       raise app.UsageError(f"required: {', '.join(missing)}")
     try:

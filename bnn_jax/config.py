@@ -80,8 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
       num_processes=placeholder(int), process_id=placeholder(int)))
   c.train = ml_collections.ConfigDict(dict(
       epochs=100, batch_size=256, drop_last=False, eval_batch_size=placeholder(int), seed=166,
-      log_every=100,
-      eval_every_epochs=1, checkpoint_every_epochs=1, max_to_keep=3, max_steps=placeholder(int),
+      log_every=100, eval_every_epochs=1, checkpoint_every_epochs=1, max_to_keep=3,
+      max_steps=placeholder(int),
       load_from=placeholder(str), progress=True, plot=True))
   return c
 

@@ -94,6 +94,12 @@ def torch_key(path: Tuple[str, ...], torchvision: bool = False) -> str:
   return ".".join([*modules, _LEAF_NAMES.get(leaf, leaf)])
 
 
+def by_torch_key(tree: Any) -> Dict[str, Any]:
+  """The leaves of one collection's tree (``params``, ``batch_stats``, gradients) by PyTorch key."""
+  return {torch_key(tuple(p.key for p in path)): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _to_flax_layout(value: np.ndarray, leaf: str, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
   if leaf == "kernel" and value.ndim == 4:
     value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO

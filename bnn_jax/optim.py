@@ -3,8 +3,9 @@
 Schedules follow mmcv's LrUpdater hooks of the original: ``step`` (×gamma at
 each milestone, never below ``min_lr``), ``poly`` and ``cosine`` over epochs
 (``by_epoch``) or iterations, with an optional warmup (linear, exp or constant,
-as mmcv's) over ``warmup_iters`` iterations from ``warmup_ratio``·lr. Weight decay is PyTorch's (added to the gradient before
-the update) for SGD and Adam, decoupled for AdamW.
+as mmcv's) over ``warmup_iters`` iterations from ``warmup_ratio``·lr. Weight
+decay is PyTorch's (added to the gradient before the update) for SGD and Adam,
+decoupled for AdamW.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from bnn_jax.binarize import EDE
-from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax, with_prefix
+from bnn_jax.convert import by_torch_key, model_config_from_original, torch_to_flax, with_prefix
 from bnn_jax.models import abstract_variables, build_model
 
 OUTPUT_RTOL = 1e-4  # logits, loss, running means
@@ -92,20 +92,20 @@ def check_fixture(npz_path: str) -> ParityReport:
       "logits_train": relative_error(logits_train, fixture["logits_train"]),
       "loss": relative_error(loss, fixture["loss_train"]),
   }
+  new_stats = by_torch_key(new_stats)
   for stat in ("mean", "var"):  # both as PyTorch updates them (the variance unbiased)
-    stats = [(torch_key(tuple(p.key for p in path)), v) for path, v in
-             jax.tree_util.tree_flatten_with_path(new_stats)[0] if path[-1].key == stat]
-    if stats:
-      ours = np.concatenate([np.ravel(v) for _, v in stats])
-      ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k, _ in stats])
+    keys = [k for k in new_stats if k.endswith(f".running_{stat}")]
+    if keys:
+      ours = np.concatenate([np.ravel(new_stats[k]) for k in keys])
+      ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k in keys])
       outputs[f"running_{stat}_after_step"] = relative_error(ours, ref)
 
-  grad_ref = torch_to_flax(with_prefix(fixture, "grad/"), {"params": template["params"]})["params"]
+  grad_ref = by_torch_key(torch_to_flax(with_prefix(fixture, "grad/"),
+                                        {"params": template["params"]})["params"])
   rows = []
-  for (path, ours), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                               jax.tree_util.tree_leaves(grad_ref)):
-    delta = float(np.linalg.norm(np.asarray(ours, np.float64) - ref))
-    rows.append((torch_key(tuple(p.key for p in path)), delta, float(np.linalg.norm(ref))))
+  for key, ours in by_torch_key(grads).items():
+    delta = float(np.linalg.norm(np.asarray(ours, np.float64) - grad_ref[key]))
+    rows.append((key, delta, float(np.linalg.norm(grad_ref[key]))))
   rows.sort(key=lambda row: row[1] / (GRAD_RTOL * row[2] + GRAD_ATOL), reverse=True)
   return ParityReport(outputs, rows)
 

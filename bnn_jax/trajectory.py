@@ -24,7 +24,7 @@ import numpy as np
 
 from bnn_jax import step
 from bnn_jax.config import default_config
-from bnn_jax.convert import model_config_from_original, torch_key, torch_to_flax, with_prefix
+from bnn_jax.convert import by_torch_key, model_config_from_original, torch_to_flax, with_prefix
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import abstract_variables, build_model
@@ -168,8 +168,9 @@ class TrajectoryReport:
 
 
 def _by_torch_key(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  return {torch_key(tuple(p.key for p in path)[1:]): np.asarray(v, np.float64)
-          for path, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
+  """Every tensor of ``params`` and ``batch_stats`` by PyTorch key, as float64 host arrays."""
+  return {key: np.asarray(leaf, np.float64) for collection in ("params", "batch_stats")
+          for key, leaf in by_torch_key(variables[collection]).items()}
 
 
 def _float64(tree):

@@ -12,8 +12,8 @@ from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RE
                                      ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
 
-__all__ = ["build_model", "abstract_variables", "block_outputs", "Classifier", "ResArch", "MobileArch", "RES_ARCHS",
-           "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
+__all__ = ["build_model", "abstract_variables", "block_outputs", "Classifier", "ResArch",
+           "MobileArch", "RES_ARCHS", "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
 
 _CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
 
