@@ -117,7 +117,8 @@ class Experiment:
   def init_state(self, tx: optax.GradientTransformation) -> step.TrainState:
     """A fresh, replicated TrainState (seeded by train.seed)."""
     init = lambda rng: step.init_state(self.model, tx, rng, self.input_shape)  # noqa: E731
-    return jax.jit(init, out_shardings=parallel.replicated(self.mesh))(
+    return jax.jit(init, out_shardings=parallel.replicated(self.mesh),
+                   compiler_options=parallel.run_once_compiler_options())(
         jax.random.key(self.config.train.seed))
 
   def evaluate(self, state: step.TrainState, eval_step=None,

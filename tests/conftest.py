@@ -22,3 +22,15 @@ def shared_dir():
   if not SHARED.is_dir():
     pytest.skip(f"shared/ not found at {SHARED} (set BNN_JAX_SHARED)")
   return SHARED
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+  """Two epochs of the width-8 quickstart on digits, never stopped: 46 steps, 23 per epoch (the
+  last batch of each filled from the epoch's start), checkpoints at 23 and 46, evaluated at 46.
+  Shared by the tests that resume, damage, evaluate or refuse it (they never change it)."""
+  from bnn_jax.train import train_and_evaluate
+  from helpers import digits_config
+  config = digits_config(epochs=2, eval_every_epochs=2, checkpoint_every_epochs=1, max_to_keep=2)
+  workdir = str(tmp_path_factory.mktemp("digits_run"))
+  return config, workdir, train_and_evaluate(config, workdir)

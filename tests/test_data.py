@@ -32,10 +32,12 @@ def reference_crop(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def our_crops(shape, draws=DRAWS):
-  boxes = tf.map_fn(lambda i: tf.stack(data.random_resized_crop_box(tf.constant(shape),
-                                                                    tf.stack([i, i * 7 + 1]))),
-                    tf.range(draws, dtype=tf.int64), fn_output_signature=tf.int32)
-  return boxes.numpy()
+  @tf.function  # one graph: eager map_fn dispatches op by op
+  def crops():
+    return tf.map_fn(lambda i: tf.stack(data.random_resized_crop_box(tf.constant(shape),
+                                                                     tf.stack([i, i * 7 + 1]))),
+                     tf.range(draws, dtype=tf.int64), fn_output_signature=tf.int32)
+  return crops().numpy()
 
 
 def test_random_resized_crop_follows_torchvision_distributions():

@@ -1,4 +1,5 @@
 """Knowledge distillation: the losses by hand, the teacher inside the step, only_kd, the recipe runner."""
+import functools
 import math
 
 import jax
@@ -11,7 +12,7 @@ from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.losses import attention_map, attention_transfer, distribution_loss
-from bnn_jax.models import build_model
+from bnn_jax.models import build_model, init_variables
 from bnn_jax.recipes import apply_override, run_recipe, stage_configs
 
 from helpers import load_config, shrink
@@ -50,7 +51,14 @@ def test_attention_loss_by_hand():
 
 
 def kd_setup(recipe="reactnet_r18_step1", teacher_batchnorm="running", **loss):
-  """A width-8 KD recipe on 32×32 inputs with a randomly initialised ResNet-18 teacher."""
+  """A width-8 KD recipe on 32×32 inputs with a randomly initialised ResNet-18 teacher; built
+  (and its step compiled) once per set of arguments."""
+  return _kd_setup(recipe, teacher_batchnorm, tuple(sorted(loss.items())))
+
+
+@functools.cache
+def _kd_setup(recipe, teacher_batchnorm, loss):
+  loss = dict(loss)
   config = shrink(load_config(recipe))
   config.teacher.model.arch = "ResNet-18"  # compiles faster than ReActNet's ResNet-34
   config.teacher.batchnorm = teacher_batchnorm
@@ -58,7 +66,7 @@ def kd_setup(recipe="reactnet_r18_step1", teacher_batchnorm="running", **loss):
   experiment = Experiment.from_config(config)
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   teacher = build_model(config.teacher.model)
-  teacher_variables = teacher.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)), train=False)
+  teacher_variables = init_variables(teacher, (1, 32, 32, 3), seed=7)
   train_step = experiment.make_train_step(tx, lr, None, teacher)
   return experiment, tx, train_step, teacher_variables
 
@@ -72,9 +80,11 @@ def run_steps(experiment, tx, train_step, teacher_variables, batches):
   return state
 
 
+CE_KD_AT = dict(only_kd=False, kd_weight=3.0, at_weight=30.0)  # CE + 3·KD + 30·AT
+
+
 def test_teacher_is_untouched_and_absent_from_the_optimizer_state():
-  experiment, tx, train_step, teacher_variables = kd_setup(only_kd=False, kd_weight=3.0,
-                                                           at_weight=30.0)  # CE + 3·KD + 30·AT
+  experiment, tx, train_step, teacher_variables = kd_setup(**CE_KD_AT)
   before = jax.tree_util.tree_map(np.array, teacher_variables)
   batches = list(zip(range(3), data.synthetic_batches(8, 32, 3, 10)))
   state = run_steps(experiment, tx, train_step, teacher_variables, [b for _, b in batches])
@@ -119,7 +129,7 @@ def test_only_kd_gradient_ignores_labels():
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a.params),
                          jax.device_get(b.params))
   # …whereas with cross-entropy the labels do change the step.
-  experiment, tx, train_step, teacher_variables = kd_setup(only_kd=False)
+  experiment, tx, train_step, teacher_variables = kd_setup(**CE_KD_AT)
   a = run_steps(experiment, tx, train_step, teacher_variables, [batch])
   b = run_steps(experiment, tx, train_step, teacher_variables, [relabelled])
   assert not np.array_equal(jax.device_get(a.params["head"]["fc"]["bias"]),
@@ -140,6 +150,7 @@ def test_kd_without_teacher_checkpoint_is_a_clear_error():
     Experiment.from_config(config).load_teacher()
 
 
+@pytest.mark.slow
 def test_digits_recipe_runs_teacher_then_two_distilled_steps(tmp_path):
   overrides = [f"{section}.{field}=8" for section in ("model", "teacher.model")
                for field in ("stem_channels", "base_channels")]

@@ -23,23 +23,14 @@ from conftest import REPO
 from helpers import digits_config
 
 
-@pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory):
-  """A width-8 quickstart run with checkpoints at steps 23 and 46."""
-  config = digits_config(epochs=2, max_to_keep=2, checkpoint_every_epochs=1)
-  workdir = str(tmp_path_factory.mktemp("run"))
-  metrics = train_and_evaluate(config, workdir)
-  return config, workdir, metrics
-
-
 def other_model(config, arch="BiRealNet-18"):
   other = config.copy_and_resolve_references()
   other.model.arch = arch  # Bi-Real's parameters are a subset of ReActNet's
   return other
 
 
-def test_evaluate_teacher_and_load_from_refuse_another_models_checkpoint(two_epochs, tmp_path):
-  config, workdir, _ = two_epochs
+def test_evaluate_teacher_and_load_from_refuse_another_models_checkpoint(digits_run, tmp_path):
+  config, workdir, _ = digits_run
   with pytest.raises(CheckpointError, match=r"another model \(ReActNet-18\) than the config's "
                                             r"\(BiRealNet-18\): unexpected"):
     evaluate_checkpoint(other_model(config), workdir)
@@ -95,8 +86,8 @@ def damage_latest(workdir) -> pathlib.Path:
   return copy
 
 
-def test_resume_and_evaluate_fall_back_past_a_damaged_latest_step(two_epochs, capsys):
-  config, workdir, _ = two_epochs
+def test_resume_and_evaluate_fall_back_past_a_damaged_latest_step(digits_run, capsys):
+  config, workdir, _ = digits_run
   damaged = damage_latest(workdir)
   metrics = evaluate_checkpoint(config, str(damaged))
   assert metrics["step"] == 23
@@ -107,7 +98,7 @@ def test_resume_and_evaluate_fall_back_past_a_damaged_latest_step(two_epochs, ca
   resumed = train_and_evaluate(config, str(damaged))  # resumes at 23, trains to 46 again
   assert (damaged / "checkpoints" / "46.damaged").is_dir()  # set aside, not deleted
   assert Checkpoints(str(damaged), read_only=True).steps() == [23, 46]
-  assert resumed["top1"] == pytest.approx(two_epochs[2]["top1"])
+  assert resumed["top1"] == pytest.approx(digits_run[2]["top1"])
 
 
 def test_a_non_finite_state_is_never_saved(tmp_path):

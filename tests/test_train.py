@@ -3,7 +3,6 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +11,7 @@ from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint
 from bnn_jax.experiment import Experiment
-from bnn_jax.models import build_model
+from bnn_jax.models import build_model, init_variables
 from bnn_jax.train import NonFiniteLoss, train_and_evaluate
 
 from helpers import CONFIGS, digits_config, load_config, shrink
@@ -29,18 +28,8 @@ def assert_trees_equal(a, b):
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  """Two epochs of the width-8 quickstart on digits, never stopped: 46 steps, 23 per epoch (the
-  last batch of each filled from the epoch's start)."""
-  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  config = digits_config(epochs=2, eval_every_epochs=2)
-  metrics = train_and_evaluate(config, workdir)
-  return config, workdir, metrics
-
-
-def test_resume_after_checkpoint_gives_identical_parameters(uninterrupted, tmp_path):
-  config, reference_dir, _ = uninterrupted
+def test_resume_after_checkpoint_gives_identical_parameters(digits_run, tmp_path):
+  config, reference_dir, _ = digits_run
   workdir = str(tmp_path)
   stopped = config.copy_and_resolve_references()
   stopped.train.max_steps = 23  # stop after the first epoch's checkpoint
@@ -51,8 +40,8 @@ def test_resume_after_checkpoint_gives_identical_parameters(uninterrupted, tmp_p
   assert_trees_equal(final_params(workdir), final_params(reference_dir))
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, monkeypatch):
-  config, reference_dir, _ = uninterrupted
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_run, tmp_path, monkeypatch):
+  config, reference_dir, _ = digits_run
   real_batches = data.train_batches
 
   def preempted_after_30(*args, **kwargs):
@@ -70,8 +59,8 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(uninterrupted, tmp_pa
   assert_trees_equal(final_params(str(tmp_path)), final_params(reference_dir))
 
 
-def test_evaluate_cli_path_reports_training_accuracy(uninterrupted):
-  config, workdir, train_metrics = uninterrupted
+def test_evaluate_cli_path_reports_training_accuracy(digits_run):
+  config, workdir, train_metrics = digits_run
   metrics = evaluate_checkpoint(config, workdir)
   assert metrics["step"] == 46 and metrics["num_examples"] == 360
   assert metrics["top1"] == pytest.approx(train_metrics["top1"])
@@ -89,8 +78,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(s % 23 == 0 for s in steps)  # only epoch-end checkpoints from before the blow-up
 
 
-def test_checkpoint_of_another_model_is_refused(uninterrupted):
-  config, workdir, _ = uninterrupted
+def test_checkpoint_of_another_model_is_refused(digits_run):
+  config, workdir, _ = digits_run
   other = config.copy_and_resolve_references()
   other.model.base_channels = 16
   with pytest.raises(ConfigError, match="another model"):
@@ -117,7 +106,7 @@ def test_every_recipe_builds_and_takes_one_step(recipe):
   teacher, teacher_variables = None, {}
   if objective.needs_teacher:  # a randomly initialised teacher at reduced width
     teacher = build_model(config.teacher.model)
-    teacher_variables = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+    teacher_variables = init_variables(teacher, (1, 32, 32, 3), seed=1)
   train_step = experiment.make_train_step(tx, lr, experiment.make_ede(10, 10), teacher)
   state = experiment.init_state(tx)
   batch = next(data.synthetic_batches(8, 32, 3, config.model.num_classes))

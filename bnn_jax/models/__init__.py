@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from bnn_jax.errors import ConfigError
+from bnn_jax.parallel import run_once_compiler_options
 from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RES_ARCHS, MobileArch,
                                      ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
@@ -65,6 +66,13 @@ def abstract_variables(model: Classifier, input_shape) -> Dict[str, Any]:
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
                                                train=False))
   return {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
+
+
+def init_variables(model: Classifier, input_shape, seed: int = 0) -> Dict[str, Any]:
+  """Freshly initialised variables of ``model`` for inputs of ``input_shape`` (compiled as a
+  program that runs once)."""
+  init = lambda rng: model.init(rng, jnp.zeros(input_shape), train=False)  # noqa: E731
+  return jax.jit(init, compiler_options=run_once_compiler_options())(jax.random.key(seed))
 
 
 def block_outputs(collections: Mapping[str, Any]) -> Dict[str, Any]:
