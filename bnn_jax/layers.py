@@ -109,12 +109,15 @@ class BinaryConv(nn.Module):
       x = get_binarizer(self.activation_binarizer)(x, ede)
     if self.weight_binarizer is not None:
       kernel = get_binarizer(self.weight_binarizer)(kernel, ede)
+    # Operands in the compute dtype (±1 is exact in any), products summed in at least float32
+    # and rounded once: bfloat16 holds integers only up to 256, a binary dot product up to 4,608.
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(self.strides, self.strides),
         padding=[(pad, pad)] * 2,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups)
+        feature_group_count=self.groups,
+        preferred_element_type=jnp.promote_types(self.dtype, jnp.float32)).astype(self.dtype)
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, name: Optional[str] = None,

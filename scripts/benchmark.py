@@ -71,10 +71,11 @@ def time_model(config, steps, warmup):
                                                   carry["metrics"], teacher_variables)
     jax.block_until_ready(carry["metrics"])
 
-  sums = jax.device_put(step.zero_metrics(step.EVAL_SUMS), rep)
+  carry["sums"] = jax.device_put(step.zero_metrics(step.EVAL_SUMS), rep)
 
   def evaluate(index):
-    jax.block_until_ready(eval_step(carry["state"], batches[index % 2], sums))
+    carry["sums"] = eval_step(carry["state"], batches[index % 2], carry["sums"])
+    jax.block_until_ready(carry["sums"])
 
   train_compile, train_s = timed(train, steps, warmup)
   eval_compile, eval_s = timed(evaluate, steps, warmup)

@@ -25,6 +25,10 @@ def _as_tuples(value: Any) -> Any:
   return value
 
 
+# Compute dtypes: parameters, optimizer state, BatchNorm statistics and the loss stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def build_model(config: Mapping[str, Any]) -> Classifier:
   """Builds the classifier a model config describes.
 
@@ -44,7 +48,11 @@ def build_model(config: Mapping[str, Any]) -> Classifier:
   neck = options.pop("neck", "gap")
   if neck not in NECKS:
     raise ConfigError(f"unknown neck {neck!r}; valid: {list(NECKS)}")
-  dtype = jnp.dtype(options.pop("dtype", "float32"))
+  dtype = options.pop("dtype", "float32")
+  dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  if dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"unknown model.dtype {dtype!r}; valid: {list(COMPUTE_DTYPES)}")
+  dtype = jnp.dtype(dtype)
   backbone_cls = BACKBONES[backbone_name]
   fields = {f.name for f in dataclasses.fields(backbone_cls)} - {"parent", "name", "dtype"}
   unknown = sorted(set(options) - fields)
