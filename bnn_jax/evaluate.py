@@ -1,8 +1,9 @@
-"""``python -m bnn_jax.evaluate --config CONFIG --workdir DIR [--step N] [--json]``.
+"""``python -m bnn_jax.evaluate --config CONFIG --workdir DIR [--step N] [--packed] [--json]``.
 
 Prints top-1, top-5 and loss over the whole eval split of the config's data
 set, from the workdir's latest checkpoint (or ``--step``), on however many
-devices this process sees. ``--json`` prints one JSON object as the last line.
+devices this process sees. ``--packed`` runs the binary convolutions on packed
+bits (XNOR-popcount, :mod:`bnn_jax.packed`). ``--json`` prints one JSON object as the last line.
 """
 from __future__ import annotations
 
@@ -11,20 +12,33 @@ import json
 import jax
 from absl import flags
 
-from bnn_jax import cli, parallel
+from bnn_jax import cli, packed, parallel
 from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.experiment import Experiment
-from bnn_jax.step import TrainState
+from bnn_jax.step import TrainState, make_eval_step
 
-def evaluate_checkpoint(config, workdir: str, step=None) -> dict:
-  """Eval metrics of a checkpoint: top1, top5 (fractions), loss, num_examples, step."""
+
+def restore_checkpoint(config, workdir: str, step=None):
+  """(experiment, variables, step) of a workdir's checkpoint (latest, or ``step``)."""
   experiment = Experiment.from_config(config)
   checkpoints = Checkpoints(workdir, read_only=True)
   variables, meta = checkpoints.restore_variables(
       experiment.variables_template(), parallel.replicated(experiment.mesh), step,
       model_name=f"the config's ({config.model.arch})")
-  state = TrainState(jax.numpy.asarray(meta["step"]), variables["params"], variables["batch_stats"], None)
-  return experiment.evaluate(state) | {"step": int(meta["step"])}
+  return experiment, variables, int(meta["step"])
+
+
+def evaluate_checkpoint(config, workdir: str, step=None, bit_packed: bool = False) -> dict:
+  """Eval metrics of a checkpoint: top1, top5 (fractions), loss, num_examples, step; with
+  ``bit_packed``, its binary convolutions computed on packed bits."""
+  experiment, variables, step = restore_checkpoint(config, workdir, step)
+  state = TrainState(jax.numpy.asarray(step), variables["params"], variables["batch_stats"], None)
+  eval_step = None
+  if bit_packed:
+    model = packed.PackedClassifier(experiment.model, packed.pack_weights(
+        experiment.model, variables, experiment.input_shape))
+    eval_step = parallel.jit_eval_step(make_eval_step(model), experiment.mesh)
+  return experiment.evaluate(state, eval_step) | {"step": step}
 
 
 def main():
@@ -32,10 +46,11 @@ def main():
   workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
   step = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
   as_json = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+  bit_packed = flags.DEFINE_bool("packed", False, "Binary convolutions on packed bits (XNOR-popcount).")
 
   def body():
     parallel.initialize_distributed(config.value.parallel)
-    metrics = evaluate_checkpoint(config.value, workdir.value, step.value)
+    metrics = evaluate_checkpoint(config.value, workdir.value, step.value, bit_packed.value)
     print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
           f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s))")

@@ -145,5 +145,6 @@ def test_bfloat16_train_step_keeps_float32_state():
 def test_unknown_compute_dtype_is_a_clear_error():
   config = shrink(load_config("birealnet_r18"))
   config.model.dtype = "float8"
-  with pytest.raises(ConfigError, match=r"unknown model.dtype 'float8'; valid: \['float32', 'bfloat16'\]"):
+  with pytest.raises(ConfigError,
+                     match=r"unknown model.dtype 'float8'; valid: \['float32', 'bfloat16', 'float64'\]"):
     build_model(config.model)

@@ -25,8 +25,9 @@ def _as_tuples(value: Any) -> Any:
   return value
 
 
-# Compute dtypes: parameters, optimizer state, BatchNorm statistics and the loss stay float32.
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# Compute dtypes: parameters, optimizer state, BatchNorm statistics and the loss stay float32
+# (float64: numerical checks against the original under jax_enable_x64).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 
 
 def build_model(config: Mapping[str, Any]) -> Classifier:

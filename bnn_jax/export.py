@@ -1,0 +1,56 @@
+"""``python -m bnn_jax.export --config CONFIG --workdir DIR --out FILE.npz [--step N]``.
+
+Writes a trained model for bit-packed inference (:mod:`bnn_jax.packed`): binary kernels as packed
+bits with one scale per output channel, every other variable as is, in one ``.npz`` that numpy
+reads alone (the keys are documented in ``packed.py``); ``bnn_jax.packed.load(FILE)`` returns the
+jitted ``images -> logits``. Prints the file's size next to the float variables' and the
+checkpoint's.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import flags
+
+from bnn_jax import cli, packed
+from bnn_jax.evaluate import restore_checkpoint
+
+
+def directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def export(config, workdir: str, out: str, step=None) -> dict:
+  """Writes ``out``; returns its size, the float variables' and the checkpoint step's, in bytes."""
+  experiment, variables, step = restore_checkpoint(config, workdir, step)
+  variables = jax.device_get(variables)
+  weights = packed.pack_weights(experiment.model, variables, experiment.input_shape)
+  packed.save(out, config.model.to_dict(), experiment.input_shape, variables, jax.device_get(weights))
+  float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(variables))
+  return {"step": step, "binary_layers": len(weights), "file_bytes": os.path.getsize(out),
+          "float_variables_bytes": float_bytes,
+          "checkpoint_bytes": directory_bytes(os.path.join(workdir, "checkpoints", str(step)))}
+
+
+def main():
+  config = cli.config_flag("The run's config file.")
+  workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
+  out = flags.DEFINE_string("out", None, "The file to write (.npz).")
+  step = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
+
+  def body():
+    sizes = export(config.value, workdir.value, out.value, step.value)
+    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    print(f"step {sizes['step']}: {sizes['binary_layers']} binary convolutions packed -> {out.value}: "
+          f"{mib(sizes['file_bytes'])}; float variables {mib(sizes['float_variables_bytes'])} "
+          f"({sizes['float_variables_bytes'] / sizes['file_bytes']:.1f}x larger); checkpoint with "
+          f"optimizer state {mib(sizes['checkpoint_bytes'])}")
+
+  cli.run(body, required=(config, workdir, out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,230 @@
+"""Bit-packed inference: binary convolutions as XNOR-popcount on 32-bit words, exactly.
+
+The dot product of K values ±1 is K − 2·popcount(a XOR w) on their bits (bit 1 = +1, sign(0) = +1
+as everywhere in bnn_jax). Activations are packed along channels (channels last, words innermost),
+weights along input channels; a binary weight binarizer's output is ±α per output channel, so the
+convolution is α·dot. Zero padding is neither +1 nor −1: padded positions are packed as −1 (all bits
+0) and each output subtracts, exactly, what the padded taps contributed. Everything that is not a
+binary convolution (stem, shortcuts, BatchNorm, PReLU, head) runs as in the float model.
+
+    logits = packed.packed_model(model, variables, images.shape)(images)
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from typing import Any, Callable, Dict, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnn_jax.binarize import BINARY_OUTPUT, EDE, get_binarizer
+from bnn_jax.errors import ConfigError
+from bnn_jax.layers import BinaryConv
+from bnn_jax.models import build_model
+
+WORD_BITS = 32
+
+
+def pack(x: jax.Array) -> jax.Array:
+  """Bits of ``x >= 0`` along the last axis, 32 per uint32 word (bit i of word j is element
+  32·j + i); the last word's unused bits are 0."""
+  channels = x.shape[-1]
+  words = -(-channels // WORD_BITS)
+  bits = (x >= 0).astype(jnp.uint32)
+  bits = jnp.pad(bits, [(0, 0)] * (x.ndim - 1) + [(0, words * WORD_BITS - channels)])
+  bits = bits.reshape(x.shape[:-1] + (words, WORD_BITS))
+  return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def _taps(padded: jax.Array, kernel_size: int, strides: int, out_shape) -> Sequence[jax.Array]:
+  """The kernel_size² shifted (and strided) views of a spatially padded NHWC tensor, row-major."""
+  rows, cols = out_shape
+  return [padded[:, i:i + strides * (rows - 1) + 1:strides, j:j + strides * (cols - 1) + 1:strides]
+          for i, j in itertools.product(range(kernel_size), repeat=2)]
+
+
+def padding_correction(weight_bits: jax.Array, channels: int, in_shape, kernel_size: int,
+                       strides: int, padding: int) -> jax.Array:
+  """(H', W', O) int32: what the taps in the zero padding added when packed as −1, which is
+  Σ_c w_c = C − 2·ones(w) per tap and output channel (``weight_bits``: (taps, words, O))."""
+  tap_sums = channels - 2 * jnp.sum(jax.lax.population_count(weight_bits), axis=1, dtype=jnp.int32)
+  inside = np.pad(np.ones(in_shape, np.int32), padding)[None, ..., None]  # 1 on the real input
+  rows = (in_shape[0] + 2 * padding - kernel_size) // strides + 1
+  cols = (in_shape[1] + 2 * padding - kernel_size) // strides + 1
+  in_padding = 1 - np.concatenate(_taps(inside, kernel_size, strides, (rows, cols)), axis=-1)[0]
+  return jnp.asarray(in_padding) @ tap_sums  # (H', W', taps) @ (taps, O)
+
+
+def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: int, kernel_size: int,
+                strides: int = 1, padding: int = 0) -> jax.Array:
+  """Exact dot products (int32, NHWC) of a ±1 convolution with zero padding.
+
+  ``activation_bits``: (N, H, W, words) from :func:`pack`; ``weight_bits``: (k·k, words, O), the
+  packed HWIO kernel; ``channels``: the input channels before packing.
+  """
+  _, height, width, _ = activation_bits.shape
+  rows = (height + 2 * padding - kernel_size) // strides + 1
+  cols = (width + 2 * padding - kernel_size) // strides + 1
+  padded = jnp.pad(activation_bits, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  patches = jnp.concatenate(_taps(padded, kernel_size, strides, (rows, cols)), axis=-1)
+  # Output channels innermost and the words reduced over the axis before them: XLA:CPU then
+  # vectorises XOR + popcount across output channels (2-17x faster than reducing the innermost
+  # words axis on ResNet-18's shapes at batch 1).
+  flat_weights = weight_bits.reshape(-1, weight_bits.shape[-1])  # (taps·words, O)
+  mismatches = jnp.sum(jax.lax.population_count(patches[..., :, None] ^ flat_weights), axis=-2,
+                       dtype=jnp.int32)
+  dots = kernel_size * kernel_size * channels - 2 * mismatches
+  if padding:
+    dots = dots - padding_correction(weight_bits, channels, (height, width), kernel_size, strides,
+                                     padding)
+  return dots
+
+
+def packed_weights(binary_kernel: jax.Array):
+  """(bits (k·k, words, O), per-output-channel scale α) of a binarized HWIO kernel ±α_o."""
+  k, _, channels, out = binary_kernel.shape
+  bits = pack(jnp.transpose(binary_kernel, (0, 1, 3, 2)).reshape(k * k, out, channels))
+  scale = jnp.max(jnp.abs(binary_kernel), axis=(0, 1, 2))
+  return jnp.transpose(bits, (0, 2, 1)), scale
+
+
+def is_binary_conv(module: BinaryConv) -> bool:
+  """Whether both halves of ``module`` are binary (±1 activations, ±α weights)."""
+  return (module.activation_binarizer in BINARY_OUTPUT
+          and module.weight_binarizer in BINARY_OUTPUT)
+
+
+def check_packable(module: BinaryConv) -> None:
+  """Refuses a convolution with one half binary and the other real, or a non-binary estimator."""
+  halves = (module.activation_binarizer, module.weight_binarizer)
+  name = "/".join(module.scope.path)
+  if halves == (None, None) or is_binary_conv(module):
+    if module.groups != 1 and halves != (None, None):
+      raise ConfigError(f"bit-packed inference supports ungrouped binary convolutions; "
+                        f"{name} has groups={module.groups}")
+    return
+  raise ConfigError(
+      f"bit-packed inference needs fully binary convolutions; {name} has activations "
+      f"{halves[0] or 'real'} and weights {halves[1] or 'real'} (binary: {sorted(BINARY_OUTPUT)})")
+
+
+def _path(module: nn.Module) -> str:
+  return "/".join(module.scope.path)
+
+
+def _binary_conv_call(context) -> bool:
+  """Whether an intercepted call is a BinaryConv's forward (checked packable)."""
+  if isinstance(context.module, BinaryConv) and context.method_name == "__call__":
+    check_packable(context.module)
+    return is_binary_conv(context.module)
+  return False
+
+
+def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Dict[str, Any]:
+  """{layer path: {"bits": (k·k, words, O) uint32, "scale": (O,) float32}} for every binary
+  convolution of ``model``: its binarized kernel (the method's own weight binarizer) packed once.
+  Raises :class:`ConfigError` naming a convolution that is neither fully binary nor fully real."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    if _binary_conv_call(context):
+      module = context.module
+      kernel = get_binarizer(module.weight_binarizer)(module.get_variable("params", "kernel"),
+                                                      EDE.initial())
+      bits, scale = packed_weights(kernel)
+      found[_path(module)] = {"bits": bits, "scale": scale}
+    return next_fun(*args, **kwargs)
+
+  def collect(variables):
+    with nn.intercept_methods(record):
+      model.apply(variables, jnp.zeros(input_shape), train=False)
+    return dict(found)
+
+  return jax.jit(collect)(variables)
+
+
+class PackedClassifier:
+  """``model`` whose binary convolutions run on ``weights`` (:func:`pack_weights`): the same
+  ``apply(variables, images, train=False)`` as the Flax model, so evaluation steps take it as is."""
+
+  def __init__(self, model: nn.Module, weights: Dict[str, Any]):
+    self.model, self.weights = model, weights
+
+  def apply(self, variables, images, train: bool = False, weights=None):
+    if train:
+      raise ConfigError("bit-packed models are for inference (train=False)")
+    weights = self.weights if weights is None else weights
+
+    def packed_forward(next_fun, args, kwargs, context):
+      if not _binary_conv_call(context):
+        return next_fun(*args, **kwargs)
+      module, x = context.module, args[0]
+      layer = weights[_path(module)]
+      k = module.kernel_size
+      padding = k // 2 if module.padding is None else module.padding
+      activations = pack(get_binarizer(module.activation_binarizer)(x, EDE.initial()))
+      dots = packed_conv(activations, layer["bits"], x.shape[-1], k, module.strides, padding)
+      return (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
+
+    with nn.intercept_methods(packed_forward):
+      return self.model.apply(variables, images, train=False)
+
+
+def packed_model(model: nn.Module, variables: Dict[str, Any],
+                 input_shape) -> Callable[[jax.Array], jax.Array]:
+  """A jitted ``images -> logits`` of ``model`` in inference mode whose binary convolutions run on
+  bits packed once (:func:`pack_weights`); ``input_shape`` is one batch's, e.g. (1, 224, 224, 3)."""
+  packed_classifier = PackedClassifier(model, pack_weights(model, variables, input_shape))
+  apply = jax.jit(lambda v, w, x: packed_classifier.apply(v, x, weights=w))
+  return functools.partial(apply, variables, packed_classifier.weights)
+
+
+# --- The exported file -------------------------------------------------------
+# One .npz, readable with numpy alone:
+#   "model"                 the model config as JSON (bnn_jax.models.build_model's input)
+#   "input_shape"           one batch's input shape, e.g. [1, 224, 224, 3]
+#   "packed/<layer>/bits"   uint32 (k·k, words, O): bit i of word j = input channel 32·j + i is +1
+#   "packed/<layer>/scale"  float32 (O,): the layer's output is scale · (K − 2·popcount(a XOR w))
+#   "<collection>/<path>"   every other variable (real convolutions, BatchNorm, PReLU, head) as is
+
+
+def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[str, Any],
+         weights: Dict[str, Any]) -> None:
+  """Writes a packed model (see the format above); binary kernels are stored only as bits."""
+  binary_kernels = {f"params/{layer}/kernel" for layer in weights}
+  arrays = {"model": np.asarray(json.dumps(model_config)), "input_shape": np.asarray(input_shape)}
+  for key_path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    if name not in binary_kernels:
+      arrays[name] = np.asarray(value)
+  for layer, packed_layer in weights.items():
+    for field, value in packed_layer.items():
+      arrays[f"packed/{layer}/{field}"] = np.asarray(value)
+  with open(path, "wb") as file:
+    np.savez(file, **arrays)
+
+
+def load(path: str) -> Callable[[jax.Array], jax.Array]:
+  """The jitted ``images -> logits`` of a file written by :func:`save`."""
+  with np.load(path) as file:
+    arrays = {name: file[name] for name in file.files}
+  model = build_model(json.loads(str(arrays.pop("model"))))
+  arrays.pop("input_shape")
+  variables, weights = {}, {}
+  for name, value in arrays.items():
+    if name.startswith("packed/"):
+      layer, field = name[len("packed/"):].rsplit("/", 1)
+      weights.setdefault(layer, {})[field] = jnp.asarray(value)
+      continue
+    *parents, leaf = name.split("/")
+    node = variables
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = jnp.asarray(value)
+  classifier = PackedClassifier(model, weights)
+  apply = jax.jit(lambda v, w, x: classifier.apply(v, x, weights=w))
+  return functools.partial(apply, variables, weights)
