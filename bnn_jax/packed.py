@@ -71,12 +71,18 @@ def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: in
   cols = (width + 2 * padding - kernel_size) // strides + 1
   padded = jnp.pad(activation_bits, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   patches = jnp.concatenate(_taps(padded, kernel_size, strides, (rows, cols)), axis=-1)
-  # Output channels innermost and the words reduced over the axis before them: XLA:CPU then
-  # vectorises XOR + popcount across output channels (2-17x faster than reducing the innermost
-  # words axis on ResNet-18's shapes at batch 1).
   flat_weights = weight_bits.reshape(-1, weight_bits.shape[-1])  # (taps·words, O)
-  mismatches = jnp.sum(jax.lax.population_count(patches[..., :, None] ^ flat_weights), axis=-2,
-                       dtype=jnp.int32)
+
+  # One word at a time, output channels innermost: XLA:CPU vectorises XOR + popcount across the
+  # output channels and never materialises (…, words, O). Measured against one broadcast XOR
+  # reduced over the words (fast on small layers, 5-40x slower on 3x3 layers of 128+ channels)
+  # and one pass per tap (fast at batch 1, 5x slower at batch 32 on 56² x 64).
+  def add_word(index, mismatches):
+    word = jax.lax.dynamic_index_in_dim(patches, index, axis=-1, keepdims=True)
+    return mismatches + jax.lax.population_count(word ^ flat_weights[index]).astype(jnp.int32)
+
+  mismatches = jax.lax.fori_loop(0, flat_weights.shape[0], add_word,
+                                 jnp.zeros(patches.shape[:3] + flat_weights.shape[1:], jnp.int32))
   dots = kernel_size * kernel_size * channels - 2 * mismatches
   if padding:
     dots = dots - padding_correction(weight_bits, channels, (height, width), kernel_size, strides,
