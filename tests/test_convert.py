@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
@@ -34,7 +34,8 @@ def eval_logits_of_converted(config, workdir):
       experiment.variables_template(), None)
   with np.load(PARITY_DIR / f"{FIXTURE}.npz") as fixture:
     images, expected = fixture["input_nchw"].transpose(0, 2, 3, 1), fixture["logits_eval"]
-  return experiment.model.apply(variables, jnp.asarray(images), train=False), expected, meta
+  logits = jax.jit(lambda v, x: experiment.model.apply(v, x, train=False))(variables, images)
+  return logits, expected, meta
 
 
 def test_pth_checkpoint_converts_to_orbax_and_reproduces_original_logits(shared_dir, tmp_path):

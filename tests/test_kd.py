@@ -104,12 +104,13 @@ def test_teacher_batchnorm_mode_is_the_recipes(mode):
       lambda path, x: x * 300 if "head" in jax.tree_util.keystr(path) else x, teacher_variables)
   batch = next(data.synthetic_batches(8, 32, 3, 10))
   state = experiment.init_state(tx)
-  student_logits, _ = experiment.model.apply(
-      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-      mutable=["batch_stats"])
+  student_logits, _ = jax.jit(lambda v, x: experiment.model.apply(
+      v, x, train=True, mutable=["batch_stats"]))(
+          {"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
   teacher = build_model(experiment.config.teacher.model)
-  on_batch, _ = teacher.apply(teacher_variables, batch["image"], train=True, mutable=["batch_stats"])
-  on_running = teacher.apply(teacher_variables, batch["image"], train=False)
+  on_batch, _ = jax.jit(lambda v, x: teacher.apply(v, x, train=True, mutable=["batch_stats"]))(
+      teacher_variables, batch["image"])
+  on_running = jax.jit(lambda v, x: teacher.apply(v, x, train=False))(teacher_variables, batch["image"])
   metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
   _, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics, teacher_variables)
   loss = float(metrics["loss_sum"] / metrics["count"])
