@@ -1,7 +1,10 @@
 """Small configs for fast tests: any recipe at reduced width and 32×32 (or 8×8) inputs."""
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from bnn_jax.config import load_config  # noqa: F401 - re-exported for the tests
 
@@ -29,3 +32,20 @@ def digits_config(**train) -> ml_collections.ConfigDict:
   config.model.update(stem_channels=8, base_channels=8)
   config.train.update(progress=False, plot=False, **train)
   return config
+
+
+def trained_like(variables, seed=0):
+  """Running statistics and shifts away from their initial values, so that BatchNorm outputs are
+  continuous (freshly initialised binary blocks give many exact zeros, whose sign any rounding
+  flips)."""
+  rng = np.random.default_rng(seed)
+  draw = {"['mean']": lambda shape: rng.normal(0, 0.5, shape),
+          "['var']": lambda shape: rng.uniform(0.5, 2.0, shape),
+          "['bias']": lambda shape: rng.normal(0, 0.3, shape)}
+
+  def perturb(path, x):
+    key = jax.tree_util.keystr(path)
+    suffix = next((s for s in draw if key.endswith(s)), None)
+    return jnp.asarray(draw[suffix](x.shape), x.dtype) if suffix else x
+
+  return jax.tree_util.tree_map_with_path(perturb, variables)

@@ -11,7 +11,7 @@ from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
 from bnn_jax.export import export
 from bnn_jax.models import build_model, init_variables
 
-from helpers import load_config, shrink
+from helpers import load_config, shrink, trained_like
 
 
 def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
@@ -38,21 +38,6 @@ def test_packed_dot_products_equal_the_float_convolution_as_integers(channels, k
   dots = packed.packed_conv(packed.pack(a), bits, channels, kernel_size, strides, padding)
   assert dots.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(dots), np.asarray(expected).astype(np.int32))
-
-
-def trained_like(variables, seed=0):
-  """Running statistics and shifts away from their initial values (continuous BatchNorm outputs)."""
-  rng = np.random.default_rng(seed)
-  draw = {"['mean']": lambda shape: rng.normal(0, 0.5, shape),
-          "['var']": lambda shape: rng.uniform(0.5, 2.0, shape),
-          "['bias']": lambda shape: rng.normal(0, 0.3, shape)}
-
-  def perturb(path, x):
-    key = jax.tree_util.keystr(path)
-    suffix = next((s for s in draw if key.endswith(s)), None)
-    return jnp.asarray(draw[suffix](x.shape), x.dtype) if suffix else x
-
-  return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
 # One per kind of binary convolution: IR-Net's power-of-two scales and EDE sign, ReActNet-A's

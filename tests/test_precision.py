@@ -13,7 +13,7 @@ from bnn_jax.experiment import Experiment
 from bnn_jax.layers import BinaryConv
 from bnn_jax.models import blocks, build_model, init_variables
 
-from helpers import load_config, shrink
+from helpers import load_config, shrink, trained_like
 
 BF16 = jnp.bfloat16
 
@@ -29,23 +29,6 @@ def test_binary_dot_products_are_summed_in_float32_and_rounded_once():
   assert out.dtype == BF16
   assert np.abs(exact).max() > 256 and np.any(exact != exact.astype(BF16).astype(np.float32))
   np.testing.assert_array_equal(np.asarray(out), exact.astype(BF16))  # the exact sum, rounded
-
-
-def trained_like(variables, seed=0):
-  """Running statistics and shifts away from their initial values, so that BatchNorm outputs are
-  continuous (freshly initialised binary blocks give many exact zeros, whose sign any rounding
-  flips)."""
-  rng = np.random.default_rng(seed)
-  draw = {"['mean']": lambda shape: rng.normal(0, 0.5, shape),
-          "['var']": lambda shape: rng.uniform(0.5, 2.0, shape),
-          "['bias']": lambda shape: rng.normal(0, 0.3, shape)}
-
-  def perturb(path, x):
-    key = jax.tree_util.keystr(path)
-    suffix = next((s for s in draw if key.endswith(s)), None)
-    return jnp.asarray(draw[suffix](x.shape), x.dtype) if suffix else x
-
-  return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
 REAL_BLOCKS = (blocks.BasicBlock, blocks.RealToBinaryFPBlock)
