@@ -30,10 +30,6 @@ def shared_dir():
   return SHARED
 
 
-# Its tests run on one pytest-xdist worker (loadgroup), which trains it once.
-SHARES_DIGITS_RUN = pytest.mark.xdist_group("digits_run")
-
-
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
   """Two epochs of the width-8 quickstart on digits, never stopped: 46 steps, 23 per epoch (the

@@ -30,23 +30,17 @@ def run(args, devices, **kwargs):
   return result.stdout
 
 
-# The tests that read one measurement run on the worker that measured (pytest-xdist loadgroup).
-ON_MEASURING_WORKER = pytest.mark.xdist_group("multidevice_measured")
-
-
 @pytest.fixture(scope="module")
 def measured():
   return json.loads(run(["tests/multidevice_worker.py"], 8).strip().splitlines()[-1])
 
 
-@ON_MEASURING_WORKER
 def test_sharded_step_on_8_devices_equals_1_device(measured):
   assert measured["sharded"]["loss"] < 1e-6
   assert measured["sharded"]["grads"] < 1e-4
   assert measured["sharded"]["batch_stats"] < 1e-5
 
 
-@ON_MEASURING_WORKER
 def test_per_device_step_equals_averaged_per_shard_computation(measured):
   assert measured["per_device"]["loss"] < 1e-6
   assert measured["per_device"]["grads"] < 1e-4
@@ -54,7 +48,6 @@ def test_per_device_step_equals_averaged_per_shard_computation(measured):
   assert measured["per_device"]["differs_from_sharded"] > 1e-3  # BatchNorm statistics per device
 
 
-@ON_MEASURING_WORKER
 def test_ghost_batchnorm_is_independent_of_the_device_count(measured):
   assert measured["ghost"]["loss"] < 1e-6
   assert measured["ghost"]["grads"] < 1e-4
@@ -65,7 +58,6 @@ def test_ghost_batchnorm_is_independent_of_the_device_count(measured):
   assert measured["ghost"]["groups_of_2_vs_per_device_stats"] < 1e-5
 
 
-@ON_MEASURING_WORKER
 def test_indivisible_global_batch_is_a_clear_error(measured):
   assert measured["indivisible_error"] == (
       "global batch size 12 is not divisible by the 8 devices; use a multiple of 8")

@@ -11,7 +11,6 @@ from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
 from bnn_jax.export import export
 from bnn_jax.models import build_model, init_variables
 
-from conftest import SHARES_DIGITS_RUN
 from helpers import load_config, shrink, trained_like
 
 
@@ -67,7 +66,6 @@ def test_a_model_with_a_real_half_in_a_binary_layer_is_refused(recipe, halves):
     packed.packed_model(model, variables, (1, 32, 32, 3))
 
 
-@SHARES_DIGITS_RUN
 def test_packed_evaluation_and_exported_file_reproduce_the_trained_model(digits_run, tmp_path):
   config, workdir, trained = digits_run  # the fully binary quickstart network, trained
   metrics = evaluate_checkpoint(config, workdir, bit_packed=True)

@@ -19,7 +19,7 @@ from bnn_jax.experiment import Experiment
 from bnn_jax.train import NonFiniteLoss, train_and_evaluate
 from bnn_jax.workdir import LOCK_NAME, Lock, WorkdirInUse
 
-from conftest import REPO, SHARES_DIGITS_RUN
+from conftest import REPO
 from helpers import digits_config
 
 
@@ -29,7 +29,6 @@ def other_model(config, arch="BiRealNet-18"):
   return other
 
 
-@SHARES_DIGITS_RUN
 def test_evaluate_teacher_and_load_from_refuse_another_models_checkpoint(digits_run, tmp_path):
   config, workdir, _ = digits_run
   with pytest.raises(CheckpointError, match=r"another model \(ReActNet-18\) than the config's "
@@ -87,7 +86,6 @@ def damage_latest(workdir) -> pathlib.Path:
   return copy
 
 
-@SHARES_DIGITS_RUN
 def test_resume_and_evaluate_fall_back_past_a_damaged_latest_step(digits_run, capsys):
   config, workdir, _ = digits_run
   damaged = damage_latest(workdir)

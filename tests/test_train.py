@@ -14,7 +14,6 @@ from bnn_jax.experiment import Experiment
 from bnn_jax.models import build_model, init_variables
 from bnn_jax.train import NonFiniteLoss, train_and_evaluate
 
-from conftest import SHARES_DIGITS_RUN
 from helpers import CONFIGS, digits_config, load_config, shrink
 
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("cifar10", "quickstart", "digits_kd"))
@@ -29,7 +28,6 @@ def assert_trees_equal(a, b):
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
-@SHARES_DIGITS_RUN
 def test_resume_after_checkpoint_gives_identical_parameters(digits_run, tmp_path):
   config, reference_dir, _ = digits_run
   workdir = str(tmp_path)
@@ -42,7 +40,6 @@ def test_resume_after_checkpoint_gives_identical_parameters(digits_run, tmp_path
   assert_trees_equal(final_params(workdir), final_params(reference_dir))
 
 
-@SHARES_DIGITS_RUN
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_run, tmp_path, monkeypatch):
   config, reference_dir, _ = digits_run
   real_batches = data.train_batches
@@ -62,7 +59,6 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_run, tmp_path,
   assert_trees_equal(final_params(str(tmp_path)), final_params(reference_dir))
 
 
-@SHARES_DIGITS_RUN
 def test_evaluate_cli_path_reports_training_accuracy(digits_run):
   config, workdir, train_metrics = digits_run
   metrics = evaluate_checkpoint(config, workdir)
@@ -82,7 +78,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(s % 23 == 0 for s in steps)  # only epoch-end checkpoints from before the blow-up
 
 
-@SHARES_DIGITS_RUN
 def test_checkpoint_of_another_model_is_refused(digits_run):
   config, workdir, _ = digits_run
   other = config.copy_and_resolve_references()
