@@ -17,12 +17,6 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bnn_jax_
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def pytest_collection_modifyitems(items):
-  """The long tests first (a stable sort keeps the rest in file order): on two workers the short
-  ones then fill in around them instead of one long test ending the run alone."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def shared_dir():
   if not SHARED.is_dir():
