@@ -99,11 +99,15 @@ class BinaryConv(nn.Module):
   weight_binarizer: Optional[str] = None
   dtype: Dtype = jnp.float32
 
+  @property
+  def pad_width(self) -> int:
+    """Zero padding on each side of both spatial axes."""
+    return self.kernel_size // 2 if self.padding is None else self.padding
+
   @nn.compact
   def __call__(self, x: jax.Array, ede: Optional[EDE] = None) -> jax.Array:
     ede = EDE.initial() if ede is None else ede
-    k = self.kernel_size
-    pad = k // 2 if self.padding is None else self.padding
+    k, pad = self.kernel_size, self.pad_width
     kernel = self.param("kernel", conv_init, (k, k, x.shape[-1] // self.groups, self.features))
     if self.activation_binarizer is not None:
       x = get_binarizer(self.activation_binarizer)(x, ede)

@@ -104,10 +104,14 @@ def is_binary_conv(module: BinaryConv) -> bool:
           and module.weight_binarizer in BINARY_OUTPUT)
 
 
+def _path(module: nn.Module) -> str:
+  return "/".join(module.scope.path)
+
+
 def check_packable(module: BinaryConv) -> None:
   """Refuses a convolution with one half binary and the other real, or a non-binary estimator."""
   halves = (module.activation_binarizer, module.weight_binarizer)
-  name = "/".join(module.scope.path)
+  name = _path(module)
   if halves == (None, None) or is_binary_conv(module):
     if module.groups != 1 and halves != (None, None):
       raise ConfigError(f"bit-packed inference supports ungrouped binary convolutions; "
@@ -116,10 +120,6 @@ def check_packable(module: BinaryConv) -> None:
   raise ConfigError(
       f"bit-packed inference needs fully binary convolutions; {name} has activations "
       f"{halves[0] or 'real'} and weights {halves[1] or 'real'} (binary: {sorted(BINARY_OUTPUT)})")
-
-
-def _path(module: nn.Module) -> str:
-  return "/".join(module.scope.path)
 
 
 def _binary_conv_call(context) -> bool:
@@ -170,23 +170,26 @@ class PackedClassifier:
         return next_fun(*args, **kwargs)
       module, x = context.module, args[0]
       layer = weights[_path(module)]
-      k = module.kernel_size
-      padding = k // 2 if module.padding is None else module.padding
       activations = pack(get_binarizer(module.activation_binarizer)(x, EDE.initial()))
-      dots = packed_conv(activations, layer["bits"], x.shape[-1], k, module.strides, padding)
+      dots = packed_conv(activations, layer["bits"], x.shape[-1], module.kernel_size,
+                         module.strides, module.pad_width)
       return (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
 
     with nn.intercept_methods(packed_forward):
       return self.model.apply(variables, images, train=False)
+
+  def bind(self, variables: Dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
+    """The jitted ``images -> logits`` with ``variables`` (the weights passed as arguments, not
+    folded into the program as constants)."""
+    apply = jax.jit(lambda v, w, x: self.apply(v, x, weights=w))
+    return functools.partial(apply, variables, self.weights)
 
 
 def packed_model(model: nn.Module, variables: Dict[str, Any],
                  input_shape) -> Callable[[jax.Array], jax.Array]:
   """A jitted ``images -> logits`` of ``model`` in inference mode whose binary convolutions run on
   bits packed once (:func:`pack_weights`); ``input_shape`` is one batch's, e.g. (1, 224, 224, 3)."""
-  packed_classifier = PackedClassifier(model, pack_weights(model, variables, input_shape))
-  apply = jax.jit(lambda v, w, x: packed_classifier.apply(v, x, weights=w))
-  return functools.partial(apply, variables, packed_classifier.weights)
+  return PackedClassifier(model, pack_weights(model, variables, input_shape)).bind(variables)
 
 
 # --- The exported file -------------------------------------------------------
@@ -231,6 +234,4 @@ def load(path: str) -> Callable[[jax.Array], jax.Array]:
     for key in parents:
       node = node.setdefault(key, {})
     node[leaf] = jnp.asarray(value)
-  classifier = PackedClassifier(model, weights)
-  apply = jax.jit(lambda v, w, x: classifier.apply(v, x, weights=w))
-  return functools.partial(apply, variables, weights)
+  return PackedClassifier(model, weights).bind(variables)

@@ -17,6 +17,11 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bnn_jax_
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# XLA_FLAGS for test subprocesses that compile many programs and run each a few times: LLVM at
+# -O0 halves their compiles (the same programs; only the machine code is less tuned).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
   if not SHARED.is_dir():

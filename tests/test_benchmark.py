@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import FAST_COMPILE, REPO
 
 
 @pytest.mark.slow
@@ -14,8 +14,7 @@ def test_benchmark_prints_the_documented_json_with_float_twin_and_input_pipeline
   command = [sys.executable, "scripts/benchmark.py", "--config", "configs/quickstart.py",
              "--set", "model.stem_channels=8", "--set", "model.base_channels=8", "--batch-size", "16",
              "--steps", "2", "--warmup", "0", "--float-twin", "--data", "--json"]
-  # A few steps of each program: LLVM at -O0 compiles them twice as fast.
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", PYTHONPATH=str(REPO))
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHONPATH=str(REPO))  # a few steps of each program
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

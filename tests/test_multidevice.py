@@ -11,14 +11,10 @@ import pytest
 
 from bnn_jax.evaluate import evaluate_checkpoint
 
-from conftest import REPO
+from conftest import FAST_COMPILE, REPO
 from helpers import digits_config
 
 pytestmark = pytest.mark.slow
-
-# These subprocesses compile many programs and run each a few times: LLVM at -O0 halves their
-# compiles (the same programs; only the machine code is less tuned).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def run(args, devices, **kwargs):
