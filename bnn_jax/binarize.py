@@ -85,21 +85,36 @@ def _approx_sign_bwd(x, g):
 approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def ste_sign(x, clip: float = 1.0):
-  """Clipped straight-through sign: grad passes unchanged where |x| ≤ clip."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def ste_sign(x, clip: float = 1.0, closed: bool = True):
+  """Clipped straight-through sign: grad passes unchanged where |x| ≤ clip (``closed``), or
+  where |x| < clip (HCEBNN's ``SignActivation``, which zeroes it at ±clip)."""
   return sign(x)
 
 
-def _ste_sign_fwd(x, clip):
+def _ste_sign_fwd(x, clip, closed):
   return sign(x), x
 
 
-def _ste_sign_bwd(clip, x, g):
-  return (jnp.where(jnp.abs(x) <= clip, g, jnp.zeros_like(g)),)
+def _ste_sign_bwd(clip, closed, x, g):
+  inside = jnp.abs(x) <= clip if closed else jnp.abs(x) < clip
+  return (jnp.where(inside, g, jnp.zeros_like(g)),)
 
 
 ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+
+
+@jax.custom_vjp
+def winner_take_all(p: jax.Array) -> jax.Array:
+  """One-hot of the largest entry along the last axis (the first on ties); backward the identity.
+
+  HCEBNN's expert selection: the forward picks one expert, the straight-through backward lets
+  the gate (and through it the block input) learn which.
+  """
+  return jax.nn.one_hot(jnp.argmax(p, axis=-1), p.shape[-1], dtype=p.dtype)
+
+
+winner_take_all.defvjp(lambda p: (winner_take_all(p), None), lambda _, g: (g,))
 
 
 # --- Weight binarizers ------------------------------------------------------
@@ -136,6 +151,8 @@ BINARIZERS: dict[str, Binarizer] = {
     "approx_sign": lambda x, ede: approx_sign(x),
     # plain clipped STE, c = 1 (larq's ste_sign)
     "ste_sign": lambda x, ede: ste_sign(x, 1.0),
+    # HCEBNN activations and weights: no gradient at exactly ±1
+    "ste_sign_open": lambda x, ede: ste_sign(x, 1.0, False),
     # Real-to-Binary activations and weights (c = 1.25, no scale)
     "ste_sign_clip1.25": lambda x, ede: ste_sign(x, 1.25),
     # Real-to-Binary FP stage: the smooth stand-in for sign

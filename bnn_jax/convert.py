@@ -101,7 +101,9 @@ def by_torch_key(tree: Any) -> Dict[str, Any]:
 
 
 def _to_flax_layout(value: np.ndarray, leaf: str, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
-  if leaf == "kernel" and value.ndim == 4:
+  if leaf == "kernel" and value.ndim == 5:
+    value = value.transpose(0, 3, 4, 2, 1)  # experts × OIHW -> experts × HWIO
+  elif leaf == "kernel" and value.ndim == 4:
     value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
   elif leaf == "kernel" and value.ndim == 2:
     value = value.T  # (out, in) -> (in, out)
@@ -111,6 +113,8 @@ def _to_flax_layout(value: np.ndarray, leaf: str, shape: Tuple[int, ...]) -> Opt
 
 
 def _torch_shape(leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  if leaf == "kernel" and len(shape) == 5:
+    return (shape[0], shape[4], shape[3], shape[1], shape[2])
   if leaf == "kernel" and len(shape) == 4:
     return (shape[3], shape[2], shape[0], shape[1])
   if leaf == "kernel" and len(shape) == 2:
@@ -124,13 +128,15 @@ def is_torchvision(state_dict: Mapping[str, Any]) -> bool:
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any],
-                  allow_missing: bool = False) -> Dict[str, Any]:
+                  allow_missing: bool = False, torchvision: Optional[bool] = None) -> Dict[str, Any]:
   """Converts ``state_dict`` into variables shaped like ``template`` (e.g. ``jax.eval_shape(model.init, …)``).
 
+  ``torchvision``: whether keys lack the ``backbone.``/``head.`` prefixes (default: told by
+  :func:`is_torchvision`; set it for a part of a state dict, such as its running statistics).
   Raises :class:`StateDictMismatch` naming every missing (unless ``allow_missing``),
   unexpected and mis-shaped key.
   """
-  torchvision = is_torchvision(state_dict)
+  torchvision = is_torchvision(state_dict) if torchvision is None else torchvision
   used, missing, misshaped = set(), [], []
 
   def convert(path, leaf_template):
@@ -162,6 +168,70 @@ def model_config_from_original(original: Mapping[str, Any]) -> Dict[str, Any]:
   config = {k: v for k, v in original.items() if k not in ("ede", "style", "out_indices", "num_stages")}
   config["neck"] = original.get("neck") or "gap"
   return config
+
+
+# --- HCEBNN (official code: 1adrianb/expert-binary-networks) -------------------
+
+_RELEASED_STEM = ("conv1", "conv2_1", "conv2_2", "conv3")
+
+
+def is_released_hcebnn(state_dict: Mapping[str, Any]) -> bool:
+  """True for the released HCEBNN inference model's keys (``test/model.py``: ``…alpha2``)."""
+  return any(k.endswith(".alpha2") for k in state_dict)
+
+
+def hcebnn_training_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """A released HCEBNN state dict under the training code's names (which our model has):
+  ``conv2_1.*`` → ``conv1.conv2_1.*`` (the stem), ``activationK`` → ``actK``,
+  ``alpha2`` → ``activation_post_process.alpha``. Other state dicts are returned as they are."""
+  if not is_released_hcebnn(state_dict):
+    return dict(state_dict)
+  renamed = {}
+  for key, value in state_dict.items():
+    parts = key.split(".")
+    if parts[0] in _RELEASED_STEM:
+      parts = ["conv1"] + parts
+    parts = [f"act{p[len('activation'):]}" if p.startswith("activation") and p[-1].isdigit() else p
+             for p in parts]
+    if parts[-1] == "alpha2":
+      parts[-1:] = ["activation_post_process", "alpha"]
+    renamed[".".join(parts)] = value
+  return renamed
+
+
+def _gate_name(activation: str) -> str:
+  name = activation.rsplit(".", 1)[-1]
+  if name not in ("sigmoid", "softmax"):
+    raise ConfigError(f"unknown HCEBNN gate activation {activation!r}")
+  return name
+
+
+def model_config_from_hcebnn(description: Mapping[str, Any], released: bool = False
+                             ) -> Dict[str, Any]:
+  """Our model config (``EBResNet``) from an HCEBNN description: the training code's ``main.py``
+  arguments (``num_groups``, ``downsample_ratio``, ``binary_activations``, …) or the released
+  ``test/model.py`` ones (``groups``, ``decompose_downsample``, ``binary``, ``activation``).
+  ``released`` builds the released model's variant (:class:`bnn_jax.models.hcebnn.EBResNet`)."""
+  d = description
+  binary = d.get("binary")
+  return {
+      "backbone": "EBResNet", "num_classes": d.get("num_classes", 1000), "neck": "gap",
+      "structure": tuple(d["structure"]),
+      "groups": tuple(d.get("num_groups") or d.get("groups") or (1, 1, 1, 1)),
+      "expansion": tuple(float(e) for e in d.get("expansion", (1, 1, 1, 1))),
+      "num_experts": d.get("num_experts", 4),
+      "gate": _gate_name(d.get("gate") or d.get("ebconv_activation") or d.get("activation")
+                         or ("softmax" if released else "sigmoid")),
+      "use_se": bool(d.get("use_se", False)),
+      "g_layer": bool(d.get("add_g_layer", False)),
+      "downsample_ratio": d.get("downsample_ratio") or d.get("decompose_downsample") or 1,
+      "stem": d.get("stem_type", "dabnn" if released else "basic"),
+      "stem_channels": d.get("stem_width", 64),
+      "binary_type": ((bool(binary), bool(binary)) if binary is not None else
+                      (bool(d.get("binary_activations")), bool(d.get("binary_weights")))),
+      "use_only_first": bool(d.get("use_only_first", False)),
+      "released_form": released,
+  }
 
 
 def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any]:

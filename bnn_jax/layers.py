@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnn_jax.binarize import EDE, get_binarizer
+from bnn_jax.binarize import EDE, get_binarizer, winner_take_all
 from bnn_jax.errors import ConfigError
 
 Dtype = Any
@@ -113,21 +113,136 @@ class BinaryConv(nn.Module):
       x = get_binarizer(self.activation_binarizer)(x, ede)
     if self.weight_binarizer is not None:
       kernel = get_binarizer(self.weight_binarizer)(kernel, ede)
-    # Operands in the compute dtype (±1 is exact in any), products summed in at least float32
-    # and rounded once: bfloat16 holds integers only up to 256, a binary dot product up to 4,608.
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(self.strides, self.strides),
-        padding=[(pad, pad)] * 2,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups,
-        preferred_element_type=jnp.promote_types(self.dtype, jnp.float32)).astype(self.dtype)
+    return conv2d(x, kernel, self.strides, pad, self.groups, self.dtype)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int,
+           dtype: Dtype) -> jax.Array:
+  """NHWC ⊛ HWIO in ``dtype``.
+
+  Operands in the compute dtype (±1 is exact in any), products summed in at least float32 and
+  rounded once: bfloat16 holds integers only up to 256, a binary dot product up to 4,608.
+  """
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(strides, strides), padding=[(pad, pad)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+      preferred_element_type=jnp.promote_types(dtype, jnp.float32)).astype(dtype)
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, name: Optional[str] = None,
          dtype: Dtype = jnp.float32) -> BinaryConv:
   """A real-valued convolution without bias (a BinaryConv with both halves off)."""
   return BinaryConv(features, kernel_size, strides, dtype=dtype, name=name)
+
+
+# PyTorch's default for nn.Linear / HCEBNN's expert kernels: kaiming_uniform(a=√5) = U(±1/√fan_in).
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+EXPERT_CHOICES = "expert_choices"  # the collection that records each sample's expert, when asked
+GATES = {"sigmoid": jax.nn.sigmoid, "softmax": jax.nn.softmax}
+
+
+def torch_default_bias(fan_in: int):
+  """PyTorch's default bias init of a layer with ``fan_in`` inputs: U(±1/√fan_in)."""
+  bound = 1 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@jax.custom_vjp
+def select_experts(choice: jax.Array, kernels: jax.Array) -> jax.Array:
+  """Each sample's kernel, Σ_n choice[b, n]·kernels[n] for a one-hot ``choice`` (B, N), computed
+  as a gather of the chosen expert (no multiply by the N−1 zeros).
+
+  The backward is the weighted sum's: every expert's kernel reaches the gate,
+  ∂L/∂choice[b, n] = ⟨∂L/∂kernel_b, kernels[n]⟩, and ∂L/∂kernels[n] = Σ_b choice[b, n]·∂L/∂kernel_b.
+  """
+  return kernels[jnp.argmax(choice, axis=-1)]
+
+
+def _select_experts_fwd(choice, kernels):
+  return select_experts(choice, kernels), (choice, kernels)
+
+
+def _select_experts_bwd(residuals, g):
+  choice, kernels = residuals
+  flat_g, flat_k = g.reshape(g.shape[0], -1), kernels.reshape(kernels.shape[0], -1)
+  d_choice = (flat_g @ flat_k.T).astype(choice.dtype)
+  d_kernels = (choice.T.astype(g.dtype) @ flat_g).reshape(kernels.shape)
+  return d_choice, d_kernels
+
+
+select_experts.defvjp(_select_experts_fwd, _select_experts_bwd)
+
+
+class ChannelScale(nn.Module):
+  """A learnable per-output-channel factor ``alpha`` (init 1): HCEBNN's scale after the conv."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.param("alpha", nn.initializers.ones, (x.shape[-1],)).astype(x.dtype)
+
+
+class ExpertBinaryConv(nn.Module):
+  """HCEBNN's expert binary convolution (EBConv): ``num_experts`` kernels, one per sample.
+
+  A gate (Dense → sigmoid or softmax) on the global average of the real-valued input picks each
+  sample's expert by winner-take-all (straight-through backward, so the gate and the input
+  learn); the sample is convolved with that expert's kernel alone (a gather, then one grouped
+  convolution over the batch), binarized as the method says; then the per-channel scale α
+  (``scale``) and the squeeze-and-excitation factor from the same average (``use_se``).
+  ``use_first_expert`` always takes expert 0 (the gate gets no gradient): the official code
+  does so for real activations and its real-valued downsample convs.
+  The kernel is (experts, k, k, in/groups, out): each expert in Flax's HWIO.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  groups: int = 1
+  num_experts: int = 4
+  gate: str = "sigmoid"
+  activation_binarizer: Optional[str] = None
+  weight_binarizer: Optional[str] = None
+  use_first_expert: bool = False
+  scale: bool = True
+  use_se: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ede: Optional[EDE] = None) -> jax.Array:
+    ede = EDE.initial() if ede is None else ede
+    batch, channels, k = x.shape[0], x.shape[-1], self.kernel_size
+    if self.gate not in GATES:
+      raise ConfigError(f"unknown gate {self.gate!r}; valid: {sorted(GATES)}")
+    kernels = self.param("kernel", nn.initializers.variance_scaling(
+        1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,)),
+        (self.num_experts, k, k, channels // self.groups, self.features))
+    pooled = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+    gate_logits = nn.Dense(self.num_experts, kernel_init=torch_default_init,
+                           bias_init=torch_default_bias(channels), name="fc")(pooled)
+    if self.activation_binarizer is not None:
+      x = get_binarizer(self.activation_binarizer)(x, ede)
+    binarize_kernel = (lambda w: w) if self.weight_binarizer is None else (
+        lambda w: get_binarizer(self.weight_binarizer)(w, ede))
+    if self.use_first_expert:  # every sample on expert 0: an ordinary convolution
+      choice = jnp.zeros((batch,), jnp.int32)
+      y = conv2d(x, binarize_kernel(kernels[0]), self.strides, k // 2, self.groups, self.dtype)
+    else:
+      one_hot = winner_take_all(GATES[self.gate](gate_logits))
+      choice = jnp.argmax(one_hot, axis=-1)
+      per_sample = jax.vmap(binarize_kernel)(select_experts(one_hot, kernels))
+      # vmap turns the per-sample kernels into one convolution with batch·groups feature groups.
+      y = jax.vmap(lambda xi, wi: conv2d(xi[None], wi, self.strides, k // 2, self.groups,
+                                         self.dtype)[0])(x, per_sample)
+    self.sow(EXPERT_CHOICES, "choice", choice)
+    if self.scale:
+      y = ChannelScale(name="activation_post_process")(y)
+    if self.use_se:
+      hidden = nn.relu(nn.Dense(self.features // 8, use_bias=False, kernel_init=torch_default_init,
+                                name="se_fc.0")(pooled))
+      excitation = nn.sigmoid(nn.Dense(self.features, use_bias=False,
+                                       kernel_init=torch_default_init, name="se_fc.2")(hidden))
+      y = y * excitation[:, None, None, :].astype(y.dtype)
+    return y
 
 
 class LearnableBias(nn.Module):

@@ -19,7 +19,10 @@ import numpy as np
 import optax
 
 from bnn_jax.binarize import EDE
-from bnn_jax.convert import by_torch_key, model_config_from_original, torch_to_flax, with_prefix
+from bnn_jax.convert import (by_torch_key, hcebnn_training_keys, is_released_hcebnn, is_torchvision,
+                             model_config_from_hcebnn, model_config_from_original, torch_to_flax,
+                             with_prefix)
+from bnn_jax.layers import EXPERT_CHOICES
 from bnn_jax.models import abstract_variables, build_model
 
 OUTPUT_RTOL = 1e-4  # logits, loss, running means
@@ -48,6 +51,8 @@ class ParityReport:
   def lines(self) -> List[str]:
     out = [f"{name:<24} rel err {err:.2e}  {'ok' if err <= OUTPUT_RTOL else 'FAIL'}"
            for name, err in self.outputs.items()]
+    if not self.grads:
+      return out + [f"{'gradients':<24} none in the fixture"]
     worst_key, worst_delta, worst_ref = self.grads[0]
     failing = [k for k, d, r in self.grads if not self.grad_ok(d, r)]
     out.append(f"{'gradients':<24} {len(self.grads)} tensors, worst {worst_key}: "
@@ -64,49 +69,84 @@ def read_fixture(npz_path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     return description, {k: data[k] for k in data.files}
 
 
+def _model_and_state_dict(original: Dict[str, Any], fixture: Dict[str, np.ndarray]):
+  """(our model config, the state dict under our model's names, how to rename other state-dict
+  keys such as ``grad/…``): an HCEBNN fixture (it has ``num_experts``) or one of the original's."""
+  state_dict = with_prefix(fixture, "state_dict/")
+  if "num_experts" in original:
+    released = is_released_hcebnn(state_dict)
+    return (model_config_from_hcebnn(original, released), hcebnn_training_keys(state_dict),
+            hcebnn_training_keys)
+  return model_config_from_original(original), state_dict, dict
+
+
+def _gate_choice_mismatch(collections: Dict[str, Any], description: Dict[str, Any],
+                          reference: np.ndarray) -> float:
+  """The fraction of (expert conv, sample) pairs whose chosen expert differs from the fixture's."""
+  ours = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(collections.get(EXPERT_CHOICES, {}))[0]:
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    ours[".".join(names[1:-1])] = np.asarray(leaf)  # without "backbone" and "choice"
+  modules = description["gate_choice_train"]["modules"]
+  missing = [m for m in modules if m not in ours]
+  if missing:
+    raise ValueError(f"the fixture records expert choices of {missing}, which the model lacks")
+  return float(np.mean(np.stack([ours[m] for m in modules]) != reference))
+
+
 def check_fixture(npz_path: str) -> ParityReport:
-  """Recomputes a fixture's outputs and gradients here and compares them with the original's."""
+  """Recomputes a fixture's outputs and gradients here and compares them with the original's
+  (with those the fixture has: a fixture of an inference model may have no gradients)."""
   original, fixture = read_fixture(npz_path)
-  model = build_model(model_config_from_original(original))
+  model_config, state_dict, rename = _model_and_state_dict(original, fixture)
+  model = build_model(model_config)
   images = jnp.asarray(fixture["input_nchw"].transpose(0, 2, 3, 1))
   labels = jnp.asarray(fixture["labels"])
   ede = EDE(jnp.float32(original["ede"]["k"]), jnp.float32(original["ede"]["t"])) if (
       "ede" in original) else EDE.initial()
 
   template = abstract_variables(model, images.shape)
-  variables = torch_to_flax(with_prefix(fixture, "state_dict/"), template)
+  variables = torch_to_flax(state_dict, template)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
   def train_loss(params):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                  train=True, ede=ede, mutable=["batch_stats"])
+    logits, collections = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                      train=True, ede=ede,
+                                      mutable=["batch_stats", EXPERT_CHOICES])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (logits, updates["batch_stats"])
+    return loss, (logits, collections)
 
-  (loss, (logits_train, new_stats)), grads = jax.jit(
+  (loss, (logits_train, collections)), grads = jax.jit(
       jax.value_and_grad(train_loss, has_aux=True))(params)
   logits_eval = jax.jit(lambda v: model.apply(v, images, train=False, ede=ede))(variables)
 
-  outputs = {
-      "logits_eval": relative_error(logits_eval, fixture["logits_eval"]),
-      "logits_train": relative_error(logits_train, fixture["logits_train"]),
-      "loss": relative_error(loss, fixture["loss_train"]),
-  }
-  new_stats = by_torch_key(new_stats)
+  computed = {"logits_eval": logits_eval, "logits_train": logits_train, "loss_train": loss}
+  outputs = {name: relative_error(value, fixture[name])
+             for name, value in computed.items() if name in fixture}
+  new_stats = by_torch_key(collections["batch_stats"])
+  stats_state_dict = rename(with_prefix(fixture, "running_after_train_step/"))
+  reference = by_torch_key(torch_to_flax(
+      stats_state_dict, {"batch_stats": template["batch_stats"]},
+      torchvision=is_torchvision(state_dict))["batch_stats"]) if stats_state_dict else {}
   for stat in ("mean", "var"):  # both as PyTorch updates them (the variance unbiased)
     keys = [k for k in new_stats if k.endswith(f".running_{stat}")]
-    if keys:
+    if keys and reference:
       ours = np.concatenate([np.ravel(new_stats[k]) for k in keys])
-      ref = np.concatenate([np.ravel(fixture[f"running_after_train_step/{k}"]) for k in keys])
+      ref = np.concatenate([np.ravel(reference[k]) for k in keys])
       outputs[f"running_{stat}_after_step"] = relative_error(ours, ref)
+  if "gate_choice_train" in fixture:
+    outputs["gate_choice_mismatch"] = _gate_choice_mismatch(collections, original,
+                                                            fixture["gate_choice_train"])
 
-  grad_ref = by_torch_key(torch_to_flax(with_prefix(fixture, "grad/"),
-                                        {"params": template["params"]})["params"])
   rows = []
-  for key, ours in by_torch_key(grads).items():
-    delta = float(np.linalg.norm(np.asarray(ours, np.float64) - grad_ref[key]))
-    rows.append((key, delta, float(np.linalg.norm(grad_ref[key]))))
-  rows.sort(key=lambda row: row[1] / (GRAD_RTOL * row[2] + GRAD_ATOL), reverse=True)
+  grad_state_dict = rename(with_prefix(fixture, "grad/"))
+  if grad_state_dict:
+    grad_ref = by_torch_key(torch_to_flax(grad_state_dict, {"params": template["params"]},
+                                          torchvision=is_torchvision(state_dict))["params"])
+    for key, ours in by_torch_key(grads).items():
+      delta = float(np.linalg.norm(np.asarray(ours, np.float64) - grad_ref[key]))
+      rows.append((key, delta, float(np.linalg.norm(grad_ref[key]))))
+    rows.sort(key=lambda row: row[1] / (GRAD_RTOL * row[2] + GRAD_ATOL), reverse=True)
   return ParityReport(outputs, rows)
 
 

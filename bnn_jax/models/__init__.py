@@ -12,9 +12,12 @@ from bnn_jax.parallel import run_once_compiler_options
 from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RES_ARCHS, MobileArch,
                                      ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
+from bnn_jax.models.hcebnn import EBResNet
+
+BACKBONES = {**BACKBONES, "EBResNet": EBResNet}
 
 __all__ = ["build_model", "abstract_variables", "block_outputs", "Classifier", "ResArch",
-           "MobileArch", "RES_ARCHS", "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
+           "MobileArch", "EBResNet", "RES_ARCHS", "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
 
 _CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
 
