@@ -120,7 +120,7 @@ class Report:
 # Ops whose single result is its (first) operand rearranged, cast or scaled by nothing new.
 _SHAPE_OPS = frozenset({
     "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
-    "pad", "slice", "dynamic_slice", "rev", "copy", "copy_p", "stop_gradient", "neg",
+    "pad", "slice", "rev", "copy", "copy_p", "stop_gradient", "neg",
     "reduce_precision", "optimization_barrier"})
 # Elementwise ops that keep a (broadcast) scale a scale.
 _SCALE_PRESERVING = _SHAPE_OPS | {"div", "mul", "abs", "exp2", "pow", "round", "log", "sqrt", "rsqrt"}
@@ -149,7 +149,8 @@ def _sub_jaxprs(eqn):
 
 def _clean_name(stack: str) -> str:
   """'Classifier/backbone/layer2.0/layer2.0.shortcut/downsample/0' -> 'backbone/layer2.0/downsample/0'."""
-  parts = [p for p in stack.split("/") if p][1:]  # drop the top-level module's class name
+  # Drop the top-level module's class name and transformation markers (``vmap()``).
+  parts = [p for p in stack.split("/") if p and not p.endswith("()")][1:]
   kept = []
   for part in parts:
     if kept and part.startswith(kept[-1] + "."):
@@ -221,6 +222,9 @@ class _Walker:
     if prim == "select_n" and all(a.precision is Precision.CONST for a in args[1:]):
       return [value(Precision.BINARY)]  # where(x >= 0, 1, -1)
     first = args[0]
+    if prim in ("gather", "dynamic_slice"):  # elements of the first operand, wherever the indices
+      return [Value(first.precision if first.precision is not Precision.CONST else Precision.REAL,
+                    _size(out_avals[0]), first.params, first.from_input)]  # come from (a gate)
     if prim in _SHAPE_OPS:
       source = first.source_size if prim != "broadcast_in_dim" else min(
           first.source_size, _size(eqn.invars[0].aval))
@@ -260,8 +264,10 @@ class _Walker:
     self.layers.append(layer)
     for operand in (inputs, kernel):
       if operand.precision is Precision.BINARY and not operand.from_input:
+        # The kernel's own parameter: of its size, or a whole number of them (experts).
         kernel_size = _size(rhs if operand is kernel else lhs)
-        self.binary_param_ids.update(i for i in operand.params if self.param_sizes[i] == kernel_size)
+        self.binary_param_ids.update(i for i in operand.params
+                                     if self.param_sizes[i] % kernel_size == 0)
 
 
 def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],

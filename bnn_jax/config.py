@@ -61,9 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.ede = ml_collections.ConfigDict(dict(enabled=False, epochs=placeholder(int), t_min=0.1, t_max=10.0))
   # Per-example objective: ce_weight·CE + kd_weight·KD + at_weight·AT (only_kd drops CE).
   # attention_blocks: block names (e.g. "layer1.0") to compare; None = every block.
+  # attention_norm: each attention map divided by its "max" (Real-to-Binary) or "l2" norm (HCEBNN).
   c.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.0, ce_weight=1.0, kd_weight=0.0, at_weight=0.0, only_kd=False,
-      temperature=1.0, attention_blocks=placeholder(tuple)))
+      temperature=1.0, attention_blocks=placeholder(tuple), attention_norm="max"))
   # The KD teacher: its model section, and an Orbax workdir (one of our runs, or the output of
   # python -m bnn_jax.convert) or a .pth / .npz state dict. Not trained, not checkpointed.
   # batchnorm: "running" (eval mode) or "batch": normalise with the statistics of each batch
@@ -82,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
       epochs=100, batch_size=256, drop_last=False, eval_batch_size=placeholder(int), seed=166,
       log_every=100, eval_every_epochs=1, checkpoint_every_epochs=1, max_to_keep=3,
       max_steps=placeholder(int),
-      load_from=placeholder(str), progress=True, plot=True))
+      load_from=placeholder(str), load_transform=placeholder(str), progress=True, plot=True))
   return c
 
 
@@ -93,7 +94,12 @@ def model_section(**fields) -> ml_collections.ConfigDict:
       stem_channels=placeholder(int), base_channels=placeholder(int), strides=placeholder(tuple),
       avg_down=placeholder(bool), stem_act=placeholder(str), binary_type=placeholder(tuple),
       binarizers=placeholder(tuple), cifar_stem=placeholder(bool), layers_cfg=placeholder(tuple),
-      bn_group_size=placeholder(int)))
+      bn_group_size=placeholder(int),
+      # EBResNet (HCEBNN) only: see bnn_jax.models.hcebnn.EBResNet
+      structure=placeholder(tuple), groups=placeholder(tuple), expansion=placeholder(tuple),
+      num_experts=placeholder(int), gate=placeholder(str), use_se=placeholder(bool),
+      g_layer=placeholder(bool), downsample_ratio=placeholder(int), stem=placeholder(str),
+      use_only_first=placeholder(bool), released_form=placeholder(bool)))
   section.update(fields)
   return section
 

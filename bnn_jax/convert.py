@@ -235,7 +235,8 @@ def model_config_from_hcebnn(description: Mapping[str, Any], released: bool = Fa
 
 
 def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any]:
-  """Converts a PyTorch checkpoint for the model ``config`` describes into an Orbax checkpoint.
+  """Converts a PyTorch checkpoint for the model ``config`` describes into an Orbax checkpoint
+  (the original's, torchvision's, HCEBNN's official training or released checkpoints).
 
   ``out`` becomes a workdir that ``python -m bnn_jax.evaluate`` (and ``train.load_from``,
   and a KD teacher) can read: step 0, with the config and the source file as metadata.
@@ -247,7 +248,7 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any
   from bnn_jax.models import abstract_variables, build_model
 
   template = abstract_variables(build_model(config.model), input_shape(config.dataset))
-  variables = torch_to_flax(load_state_dict(torch_checkpoint), template)
+  variables = torch_to_flax(hcebnn_training_keys(load_state_dict(torch_checkpoint)), template)
   state = {"step": np.zeros((), np.int32), "params": variables["params"],
            "batch_stats": variables.get("batch_stats", {})}
   checkpoints = Checkpoints(out, max_to_keep=None)

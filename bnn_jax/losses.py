@@ -32,24 +32,33 @@ def distribution_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   return -jnp.sum(teacher * student, axis=-1) * temperature ** 2
 
 
-def attention_map(features: jax.Array) -> jax.Array:
-  """Q = mean over channels of A², flattened per example and divided by its maximum (NHWC in).
+ATTENTION_NORMS = ("max", "l2")
+
+
+def attention_map(features: jax.Array, norm: str = "max") -> jax.Array:
+  """Q = mean over channels of A², flattened per example and divided by its maximum
+  (``norm="max"``, Real-to-Binary) or by its L2 norm (``"l2"``, HCEBNN's ``F.normalize``;
+  at least 1e-12 as there). NHWC in.
 
   The maximum's gradient goes to its first position, as PyTorch's ``max(dim)`` (jnp.max would
   share it among ties).
   """
   features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
   q = jnp.mean(jnp.square(features), axis=-1).reshape(features.shape[0], -1)
+  if norm == "l2":
+    return q / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q), axis=-1, keepdims=True)), 1e-12)
   peak = jnp.take_along_axis(q, jnp.argmax(q, axis=-1)[:, None], axis=-1)
   return q / peak
 
 
-def attention_transfer(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array]) -> jax.Array:
-  """Real-to-Binary's attention loss, per example: the MSE between the student's and the
-  teacher's attention maps, averaged over the compared feature maps (teacher side
-  stop-gradient). Its batch mean is the original's mean over blocks and examples."""
-  losses = [jnp.mean(jnp.square(attention_map(student[name])
-                                - jax.lax.stop_gradient(attention_map(teacher[name]))), axis=-1)
+def attention_transfer(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array],
+                       norm: str = "max") -> jax.Array:
+  """The attention loss per example: the MSE between the student's and the teacher's attention
+  maps (:func:`attention_map`), averaged over the compared feature maps (teacher side
+  stop-gradient). Its batch mean is Real-to-Binary's mean over blocks and examples; times the
+  number of maps, HCEBNN's sum over stages of the mean over examples and positions."""
+  losses = [jnp.mean(jnp.square(attention_map(student[name], norm)
+                                - jax.lax.stop_gradient(attention_map(teacher[name], norm))), axis=-1)
             for name in student]
   return sum(losses) / len(losses)
 

@@ -31,6 +31,15 @@ class Stage:
 # The digits student trained on labels alone, for comparison with digits_kd under the same budget.
 _NO_KD = ("loss.kd_weight=0.0", "teacher.checkpoint=''")
 
+def _hcebnn_stages(dataset: str) -> List[Stage]:
+  """HCEBNN's four stages (configs/hcebnn.py), each from the one before, distilled from the first."""
+  spec = lambda stage: f"hcebnn:{stage},{dataset}"  # noqa: E731
+  return [Stage("real", spec("real")),
+          Stage("binary_activations", spec("binary_activations"), load_from="real", teacher="real"),
+          Stage("expansion", spec("expansion"), load_from="binary_activations", teacher="real"),
+          Stage("binary", spec("binary"), load_from="expansion", teacher="real")]
+
+
 RECIPES: Dict[str, List[Stage]] = {
     "reactnet_r18": [Stage("step1", "reactnet_r18_step1"),
                      Stage("step2", "reactnet_r18_step2", load_from="step1")],
@@ -44,6 +53,8 @@ RECIPES: Dict[str, List[Stage]] = {
     "digits_kd": [Stage("teacher", "digits_kd:teacher"),
                   Stage("step1", "digits_kd:step1", teacher="teacher"),
                   Stage("step2", "digits_kd:step2", load_from="step1", teacher="teacher")],
+    **{name: _hcebnn_stages(dataset) for name, dataset in
+       (("hcebnn", "imagenet"), ("hcebnn_cifar10", "cifar10"), ("hcebnn_digits", "digits"))},
     "digits_no_kd": [Stage("step1", "digits_kd:step1", overrides=_NO_KD),
                      Stage("step2", "digits_kd:step2", load_from="step1", overrides=_NO_KD)],
 }

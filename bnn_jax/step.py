@@ -17,7 +17,8 @@ import optax
 
 from bnn_jax.binarize import EDE
 from bnn_jax.errors import ConfigError
-from bnn_jax.losses import attention_transfer, cross_entropy, distribution_loss, topk_correct
+from bnn_jax.losses import (ATTENTION_NORMS, attention_transfer, cross_entropy, distribution_loss,
+                            topk_correct)
 from bnn_jax.models import BLOCK_OUTPUTS, block_outputs
 
 Metrics = Dict[str, jax.Array]
@@ -63,15 +64,20 @@ class Objective:
   label_smoothing: float = 0.0
   temperature: float = 1.0
   attention_blocks: Optional[Tuple[str, ...]] = None  # None: every block
+  attention_norm: str = "max"  # losses.ATTENTION_NORMS
 
   @classmethod
   def from_config(cls, loss) -> "Objective":
     blocks = loss.get("attention_blocks")
+    if loss.get("attention_norm", "max") not in ATTENTION_NORMS:
+      raise ConfigError(f"unknown loss.attention_norm {loss.get('attention_norm')!r}; "
+                        f"valid: {list(ATTENTION_NORMS)}")
     return cls(ce=0.0 if loss.get("only_kd") else loss.get("ce_weight", 1.0),
                kd=loss.get("kd_weight", 0.0), at=loss.get("at_weight", 0.0),
                label_smoothing=loss.get("label_smoothing", 0.0),
                temperature=loss.get("temperature", 1.0),
-               attention_blocks=tuple(blocks) if blocks else None)
+               attention_blocks=tuple(blocks) if blocks else None,
+               attention_norm=loss.get("attention_norm", "max"))
 
   @property
   def needs_teacher(self) -> bool:
@@ -98,7 +104,8 @@ class Objective:
     if self.kd:
       loss += self.kd * distribution_loss(logits, teacher_logits, self.temperature)
     if self.at:
-      loss += self.at * attention_transfer(*self.attention_pairs(student_blocks, teacher_blocks))
+      loss += self.at * attention_transfer(*self.attention_pairs(student_blocks, teacher_blocks),
+                                           self.attention_norm)
     return loss
 
 

@@ -20,6 +20,7 @@ from bnn_jax import cli, data, parallel, step
 from bnn_jax.checkpoint import CheckpointError, Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment, partial_load
+from bnn_jax.models import load_transform
 from bnn_jax.report import Reporter
 from bnn_jax.workdir import claim
 
@@ -58,6 +59,8 @@ def _load_from(experiment: Experiment, state: step.TrainState, path: str, report
     raise CheckpointError(f"train.load_from {path} holds another model ({saved_model.get('arch')}) "
                           f"than this config's ({model.arch})")
   params, restored, fresh, unused = partial_load(state.params, saved["params"])
+  if experiment.config.train.load_transform:  # e.g. HCEBNN's expansion: expert 0 into every expert
+    params = load_transform(experiment.config.train.load_transform)(params)
   batch_stats, restored_bs, fresh_bs, unused_bs = partial_load(state.batch_stats,
                                                                 saved.get("batch_stats", {}))
   reporter.log(f"load_from {path} (step {step_loaded}): restored {len(restored)} parameter and "

@@ -19,6 +19,8 @@ def shrink(config: ml_collections.ConfigDict, image_size: int = 32) -> ml_collec
     model.bn_group_size = 4 if model.bn_group_size else None
     if model.backbone == "MobileArch":
       model.update(stem_channels=8, layers_cfg=((16, 1, 1), (32, 2, 2), (64, 1, 2)))
+    elif model.backbone == "EBResNet":  # the HCEBNN fixtures' sizes (SE needs 8 channels)
+      model.update(stem_channels=32, structure=(1, 1, 1, 1), expansion=(0.5, 0.5, 0.25, 0.25))
     else:
       model.update(stem_channels=8, base_channels=8)
   config.dataset.image_size = image_size

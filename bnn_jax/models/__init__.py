@@ -12,11 +12,13 @@ from bnn_jax.parallel import run_once_compiler_options
 from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RES_ARCHS, MobileArch,
                                      ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
-from bnn_jax.models.hcebnn import EBResNet
+from bnn_jax.models.hcebnn import EBResNet, expand_experts
 
 BACKBONES = {**BACKBONES, "EBResNet": EBResNet}
+# Applied to the parameters ``train.load_from`` restores (``train.load_transform``).
+LOAD_TRANSFORMS = {"expand_experts": expand_experts}
 
-__all__ = ["build_model", "abstract_variables", "block_outputs", "Classifier", "ResArch",
+__all__ = ["build_model", "load_transform", "abstract_variables", "block_outputs", "Classifier", "ResArch",
            "MobileArch", "EBResNet", "RES_ARCHS", "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
 
 _CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
@@ -90,3 +92,10 @@ def init_variables(model: Classifier, input_shape, seed: int = 0) -> Dict[str, A
 def block_outputs(collections: Mapping[str, Any]) -> Dict[str, Any]:
   """{block name: output} from the collections ``apply(..., mutable=[BLOCK_OUTPUTS])`` returned."""
   return dict(collections.get(BLOCK_OUTPUTS, {}).get("backbone", {}).get("blocks", {}))
+
+
+def load_transform(name: str):
+  """The parameter transform registered as ``name`` in :data:`LOAD_TRANSFORMS`."""
+  if name not in LOAD_TRANSFORMS:
+    raise ConfigError(f"unknown train.load_transform {name!r}; valid: {sorted(LOAD_TRANSFORMS)}")
+  return LOAD_TRANSFORMS[name]

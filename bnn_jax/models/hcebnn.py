@@ -25,7 +25,7 @@ from bnn_jax.layers import (BatchNorm, ExpertBinaryConv, PReLU, avg_pool_ceil, c
 from bnn_jax.models.backbones import sow_block_output
 
 STAGE_WIDTHS = (64, 128, 256, 512)  # times ``expansion``
-STEMS = ("dabnn", "basic")
+STEMS = ("dabnn", "basic", "cifar")  # cifar: 3×3/1 conv → BN → ReLU, for 8×8 to 32×32 inputs
 
 
 class ConvBNReLU(nn.Module):
@@ -146,6 +146,7 @@ class EBResNet(nn.Module):
   ``binary_type`` (activations, weights) with ``binarizers`` (default: the official clipped
   sign, no gradient at ±1), ``use_only_first`` (expert 0 everywhere).
   """
+  arch: str = "HCEBNN"  # a name for logs and checkpoints
   structure: Sequence[int] = (1, 2, 6, 2)
   groups: Sequence[int] = (4, 8, 8, 16)
   expansion: Sequence[float] = (2, 2, 2, 2)
@@ -175,9 +176,11 @@ class EBResNet(nn.Module):
     if self.stem == "dabnn":
       x = DaBNNStem(self.stem_channels, self.bn_group_size, self.dtype, name="conv1")(x, train=train)
     else:
-      x = conv(self.stem_channels, 7, 2, "conv1", self.dtype)(x)
+      basic = self.stem == "basic"
+      x = conv(self.stem_channels, 7 if basic else 3, 2 if basic else 1, "conv1", self.dtype)(x)
       x = nn.relu(BatchNorm(not train, self.bn_group_size, dtype=self.dtype, name="bn1")(x))
-      x = max_pool_3x3_s2(x)
+      if basic:
+        x = max_pool_3x3_s2(x)
     names = self.binarizers or ("ste_sign_open", "ste_sign_open")
     experts = ExpertSettings(
         self.num_experts, self.gate,
@@ -205,3 +208,11 @@ def expand_experts(params: Any) -> Any:
       return jnp.broadcast_to(leaf[:1], leaf.shape)
     return leaf
   return jax.tree_util.tree_map_with_path(copy_first, params)
+
+
+def parameters_per_image(params: Any) -> int:
+  """Parameters one image uses: all but the N−1 experts each expert conv leaves unselected."""
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(params):
+    total += leaf.size // leaf.shape[0] if leaf.ndim == 5 else leaf.size
+  return total
