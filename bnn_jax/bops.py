@@ -149,8 +149,8 @@ def _sub_jaxprs(eqn):
 
 def _clean_name(stack: str) -> str:
   """'Classifier/backbone/layer2.0/layer2.0.shortcut/downsample/0' -> 'backbone/layer2.0/downsample/0'."""
-  # Drop the top-level module's class name and transformation markers (``vmap()``).
-  parts = [p for p in stack.split("/") if p and not p.endswith("()")][1:]
+  # Drop the top-level module's class name, transformation markers (``vmap()``) and einsum specs.
+  parts = [p for p in stack.split("/") if p and not p.endswith("()") and "->" not in p][1:]
   kept = []
   for part in parts:
     if kept and part.startswith(kept[-1] + "."):
@@ -237,7 +237,7 @@ class _Walker:
       if binary and all(o.precision is Precision.CONST or o.source_size < size for o in others):
         return [value(Precision.BINARY)]  # ±1 times a per-channel (or scalar) scale, or ±1 · ±1
       return [value(Precision.REAL, min(a.source_size for a in args))]
-    if prim == "concatenate" and all(a.precision is Precision.BINARY for a in args):
+    if prim in ("concatenate", "stack") and all(a.precision is Precision.BINARY for a in args):
       return [value(Precision.BINARY)]
     if prim in _SCALE_PRESERVING:
       return [value(Precision.REAL, min(a.source_size for a in args), aval=a) for a in out_avals]
@@ -255,9 +255,11 @@ class _Walker:
       per_output = math.prod(lhs.shape[d] for d in lhs_contract)
       kind = "dense"
     # Which operand is the kernel: the one computed from parameters alone.
-    inputs, kernel = (args[0], args[1]) if not args[1].from_input or args[0].from_input else (
-        args[1], args[0])
-    layer = Layer(_clean_name(name), kind, tuple(lhs.shape), tuple(rhs.shape), tuple(out.shape),
+    kernel_index = 1 if not args[1].from_input or args[0].from_input else 0
+    inputs, kernel = args[1 - kernel_index], args[kernel_index]
+    operands = (lhs, rhs)
+    layer = Layer(_clean_name(name), kind, tuple(operands[1 - kernel_index].shape),
+                  tuple(operands[kernel_index].shape), tuple(out.shape),
                   repeat * _size(out) * per_output, inputs.precision.value
                   if inputs.precision is not Precision.CONST else "real",
                   kernel.precision.value if kernel.precision is not Precision.CONST else "real")
@@ -265,7 +267,7 @@ class _Walker:
     for operand in (inputs, kernel):
       if operand.precision is Precision.BINARY and not operand.from_input:
         # The kernel's own parameter: of its size, or a whole number of them (experts).
-        kernel_size = _size(rhs if operand is kernel else lhs)
+        kernel_size = _size(operands[kernel_index if operand is kernel else 1 - kernel_index])
         self.binary_param_ids.update(i for i in operand.params
                                      if self.param_sizes[i] % kernel_size == 0)
 

@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   # IR-Net's Error Decay Estimator; epochs None = the whole run.
   c.ede = ml_collections.ConfigDict(dict(enabled=False, epochs=placeholder(int), t_min=0.1, t_max=10.0))
   # Per-example objective: ce_weight·CE + kd_weight·KD + at_weight·AT (only_kd drops CE).
-  # attention_blocks: block names (e.g. "layer1.0") to compare; None = every block.
+  # attention_blocks: block names (e.g. "layer1.0") or stages ("layer2": its last block) to
+  # compare; None = every block.
   # attention_norm: each attention map divided by its "max" (Real-to-Binary) or "l2" norm (HCEBNN).
   c.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.0, ce_weight=1.0, kd_weight=0.0, at_weight=0.0, only_kd=False,

@@ -160,7 +160,9 @@ def per_sample_conv2d(x: jax.Array, kernels: jax.Array, strides: int, pad: int, 
 
 # PyTorch's default for nn.Linear / HCEBNN's expert kernels: kaiming_uniform(a=√5) = U(±1/√fan_in).
 torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-EXPERT_CHOICES = "expert_choices"  # the collection that records each sample's expert, when asked
+# Values a model records when asked (``apply(..., mutable=[SOWN])``): Flax's ``intermediates``,
+# which ``init`` leaves out. Expert convs record each sample's expert there.
+SOWN = "intermediates"
 GATES = {"sigmoid": jax.nn.sigmoid, "softmax": jax.nn.softmax}
 
 
@@ -168,6 +170,17 @@ def torch_default_bias(fan_in: int):
   """PyTorch's default bias init of a layer with ``fan_in`` inputs: U(±1/√fan_in)."""
   bound = 1 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def expert_choices(collections: Any) -> dict:
+  """{expert conv path ("layer1.0.conv1", without "backbone"): each sample's expert} from the
+  collections ``apply(..., mutable=[SOWN])`` returned."""
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(collections.get(SOWN, {}))[0]:
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    if names[-1] == "expert_choice":
+      found[".".join(n for n in names[:-1] if n != "backbone")] = leaf
+  return found
 
 
 @jax.custom_vjp
@@ -256,7 +269,7 @@ class ExpertBinaryConv(nn.Module):
       choice = jnp.argmax(one_hot, axis=-1)
       per_sample = jax.vmap(binarize_kernel)(select_experts(one_hot, kernels))
       y = per_sample_conv2d(x, per_sample, self.strides, k // 2, self.groups, self.dtype)
-    self.sow(EXPERT_CHOICES, "choice", choice)
+    self.sow(SOWN, "expert_choice", choice)
     if self.scale:
       y = ChannelScale(name="activation_post_process")(y)
     if self.use_se:

@@ -22,8 +22,9 @@ from bnn_jax.binarize import EDE
 from bnn_jax.convert import (by_torch_key, hcebnn_training_keys, is_released_hcebnn, is_torchvision,
                              model_config_from_hcebnn, model_config_from_original, torch_to_flax,
                              with_prefix)
-from bnn_jax.layers import EXPERT_CHOICES
+from bnn_jax.layers import SOWN, expert_choices
 from bnn_jax.models import abstract_variables, build_model
+from bnn_jax.parallel import run_once_compiler_options
 
 OUTPUT_RTOL = 1e-4  # logits, loss, running means
 GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-6  # ||Δ|| <= rtol·||g_ref|| + atol, per gradient tensor
@@ -83,15 +84,12 @@ def _model_and_state_dict(original: Dict[str, Any], fixture: Dict[str, np.ndarra
 def _gate_choice_mismatch(collections: Dict[str, Any], description: Dict[str, Any],
                           reference: np.ndarray) -> float:
   """The fraction of (expert conv, sample) pairs whose chosen expert differs from the fixture's."""
-  ours = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(collections.get(EXPERT_CHOICES, {}))[0]:
-    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-    ours[".".join(names[1:-1])] = np.asarray(leaf)  # without "backbone" and "choice"
+  ours = expert_choices(collections)
   modules = description["gate_choice_train"]["modules"]
   missing = [m for m in modules if m not in ours]
   if missing:
     raise ValueError(f"the fixture records expert choices of {missing}, which the model lacks")
-  return float(np.mean(np.stack([ours[m] for m in modules]) != reference))
+  return float(np.mean(np.stack([np.asarray(ours[m]) for m in modules]) != reference))
 
 
 def check_fixture(npz_path: str) -> ParityReport:
@@ -112,13 +110,15 @@ def check_fixture(npz_path: str) -> ParityReport:
   def train_loss(params):
     logits, collections = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                       train=True, ede=ede,
-                                      mutable=["batch_stats", EXPERT_CHOICES])
+                                      mutable=["batch_stats", SOWN])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, collections)
 
+  once = run_once_compiler_options()  # each program runs once: compile it fast
   (loss, (logits_train, collections)), grads = jax.jit(
-      jax.value_and_grad(train_loss, has_aux=True))(params)
-  logits_eval = jax.jit(lambda v: model.apply(v, images, train=False, ede=ede))(variables)
+      jax.value_and_grad(train_loss, has_aux=True), compiler_options=once)(params)
+  logits_eval = jax.jit(lambda v: model.apply(v, images, train=False, ede=ede),
+                        compiler_options=once)(variables)
 
   computed = {"logits_eval": logits_eval, "logits_train": logits_train, "loss_train": loss}
   outputs = {name: relative_error(value, fixture[name])

@@ -84,8 +84,13 @@ class Objective:
     return bool(self.kd or self.at)
 
   def attention_pairs(self, student: Dict[str, jax.Array], teacher: Dict[str, jax.Array]):
-    """The block outputs to compare, checked to exist on both sides with equal spatial sizes."""
-    names = self.attention_blocks or tuple(student)
+    """The block outputs to compare, checked to exist on both sides with equal spatial sizes.
+
+    A stage's name (``"layer2"``) stands for its last block: the stage's output."""
+    def last_block(name):
+      blocks = [b for b in student if b.startswith(name + ".")]
+      return max(blocks, key=lambda b: int(b.rsplit(".", 1)[1])) if "." not in name and blocks else name
+    names = tuple(map(last_block, self.attention_blocks or tuple(student)))
     bad = [n for n in names if n not in student or n not in teacher]
     if bad:
       raise ConfigError(f"loss.attention_blocks {bad} are not blocks of both student and teacher; "

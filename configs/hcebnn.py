@@ -86,7 +86,7 @@ def get_config(argument="binary"):
     c.teacher.model = c.model.copy_and_resolve_references()
     _stage_model(c.teacher, "real")
     c.teacher.batchnorm = "batch"
-    last_blocks = tuple(f"layer{i + 1}.{c.model.structure[i] - 1}" for i in (1, 2, 3))
-    c.loss.update(kd_weight=KD_WEIGHT / c.model.num_classes, at_weight=AT_WEIGHT * len(last_blocks),
-                  attention_blocks=last_blocks, attention_norm="l2")
+    stages = ("layer2", "layer3", "layer4")  # their outputs (last blocks): main.py's indicator 0 1 1 1
+    c.loss.update(kd_weight=KD_WEIGHT / c.model.num_classes, at_weight=AT_WEIGHT * len(stages),
+                  attention_blocks=stages, attention_norm="l2")
   return c

@@ -51,3 +51,26 @@ def trained_like(variables, seed=0):
     return jnp.asarray(draw[suffix](x.shape), x.dtype) if suffix else x
 
   return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+def random_variables(template, seed: int = 0):
+  """Variables of ``template``'s shapes (``models.abstract_variables``) drawn on the host: what a
+  test that only needs *some* values uses instead of compiling the model's init. Running
+  variances are positive; everything else is N(0, 0.1²)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    value = 0.1 * rng.standard_normal(leaf.shape)
+    if getattr(path[-1], "key", None) == "var":
+      value = 0.5 + np.abs(value)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, dict(template))
+
+
+def random_state(experiment, tx, seed: int = 0):
+  """A TrainState of ``experiment``'s model with :func:`random_variables` (no init compiled)."""
+  from bnn_jax import step
+  variables = random_variables(experiment.variables_template(), seed)
+  return step.TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
+                         tx.init(variables["params"]))

@@ -15,7 +15,7 @@ from bnn_jax.losses import attention_map, attention_transfer, distribution_loss
 from bnn_jax.models import build_model, init_variables
 from bnn_jax.recipes import apply_override, run_recipe, stage_configs
 
-from helpers import load_config, shrink
+from helpers import load_config, random_state, shrink
 
 
 def test_distribution_loss_by_hand():
@@ -72,7 +72,7 @@ def _kd_setup(recipe, teacher_batchnorm, loss):
 
 
 def run_steps(experiment, tx, train_step, teacher_variables, batches):
-  state = experiment.init_state(tx)
+  state = random_state(experiment, tx)
   metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
   for batch in batches:
     state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics,

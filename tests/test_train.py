@@ -3,6 +3,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,10 +12,10 @@ from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint
 from bnn_jax.experiment import Experiment
-from bnn_jax.models import build_model, init_variables
+from bnn_jax.models import abstract_variables, build_model
 from bnn_jax.train import NonFiniteLoss, train_and_evaluate
 
-from helpers import CONFIGS, digits_config, load_config, shrink
+from helpers import CONFIGS, digits_config, load_config, random_state, random_variables, shrink
 
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("cifar10", "quickstart", "digits_kd"))
 
@@ -104,15 +105,18 @@ def test_every_recipe_builds_and_takes_one_step(recipe):
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   objective = experiment.objective
   teacher, teacher_variables = None, {}
-  if objective.needs_teacher:  # a randomly initialised teacher at reduced width
+  if objective.needs_teacher:  # a random teacher at reduced width
     teacher = build_model(config.teacher.model)
-    teacher_variables = init_variables(teacher, (1, 32, 32, 3), seed=1)
+    teacher_variables = random_variables(abstract_variables(teacher, (1, 32, 32, 3)), seed=1)
   train_step = experiment.make_train_step(tx, lr, experiment.make_ede(10, 10), teacher)
-  state = experiment.init_state(tx)
+  state = random_state(experiment, tx)  # drawn on the host: one compile per recipe (the step)
   batch = next(data.synthetic_batches(8, 32, 3, config.model.num_classes))
-  state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh),
-                              jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh)),
-                              teacher_variables)
+  arguments = (state, parallel.to_global(batch, experiment.mesh),
+               jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh)),
+               teacher_variables)
+  # The step runs once: compiled without LLVM's optimisations, as programs that run once are.
+  compiled = train_step.lower(*arguments).compile(parallel.run_once_compiler_options())
+  state, metrics = compiled(*arguments)
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss_sum"]))
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from bnn_jax.binarize import EDE
 from bnn_jax.errors import ConfigError
-from bnn_jax.layers import batch_norm, conv, make_activation, max_pool_3x3_s2
+from bnn_jax.layers import SOWN, batch_norm, conv, make_activation, max_pool_3x3_s2
 from bnn_jax.models import blocks
 
 # arch -> (block, blocks per stage)
@@ -45,7 +45,7 @@ def _lookup(table: dict, arch: str, backbone: str):
   return table[arch]
 
 
-BLOCK_OUTPUTS = "intermediates"  # the collection Flax's init leaves out
+BLOCK_OUTPUTS = SOWN  # the collection Flax's init leaves out
 
 
 def sow_block_output(module: nn.Module, name: str, x) -> None:
