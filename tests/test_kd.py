@@ -66,9 +66,15 @@ def _kd_setup(recipe, teacher_batchnorm, loss):
   experiment = Experiment.from_config(config)
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   teacher = build_model(config.teacher.model)
-  teacher_variables = init_variables(teacher, (1, 32, 32, 3), seed=7)
+  teacher_variables = _teacher_variables(teacher)
   train_step = experiment.make_train_step(tx, lr, None, teacher)
   return experiment, tx, train_step, teacher_variables
+
+
+@functools.cache
+def _teacher_variables(teacher):
+  """The teacher's initial variables (seed 7), initialised once per teacher model."""
+  return init_variables(teacher, (1, 32, 32, 3), seed=7)
 
 
 def run_steps(experiment, tx, train_step, teacher_variables, batches):

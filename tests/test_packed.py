@@ -9,9 +9,9 @@ from bnn_jax.binarize import sign
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
 from bnn_jax.export import export
-from bnn_jax.models import build_model, init_variables
+from bnn_jax.models import abstract_variables, build_model
 
-from helpers import load_config, shrink, trained_like
+from helpers import load_config, random_variables, shrink, trained_like
 
 
 def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
@@ -48,7 +48,7 @@ def test_packed_dot_products_equal_the_float_convolution_as_integers(channels, k
 def test_packed_model_logits_match_the_float_model(recipe):
   config = shrink(load_config(recipe))
   model = build_model(config.model)
-  variables = trained_like(init_variables(model, (1, 32, 32, 3)))
+  variables = trained_like(random_variables(abstract_variables(model, (1, 32, 32, 3))))
   images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
   expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
   logits = packed.packed_model(model, variables, images.shape)(images)
@@ -60,7 +60,7 @@ def test_packed_model_logits_match_the_float_model(recipe):
 def test_a_model_with_a_real_half_in_a_binary_layer_is_refused(recipe, halves):
   config = shrink(load_config(recipe))
   model = build_model(config.model)
-  variables = init_variables(model, (1, 32, 32, 3))
+  variables = random_variables(abstract_variables(model, (1, 32, 32, 3)))
   with pytest.raises(ConfigError, match=f"fully binary convolutions; backbone/layer1.0/conv1 has "
                                         f"activations {halves}"):
     packed.packed_model(model, variables, (1, 32, 32, 3))

@@ -11,9 +11,9 @@ from bnn_jax import data, parallel, step
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.layers import BinaryConv
-from bnn_jax.models import blocks, build_model, init_variables
+from bnn_jax.models import abstract_variables, blocks, build_model
 
-from helpers import load_config, shrink, trained_like
+from helpers import load_config, random_state, random_variables, shrink, trained_like
 
 BF16 = jnp.bfloat16
 
@@ -80,7 +80,7 @@ def test_bfloat16_model_convolves_in_bfloat16_with_float32_variables_and_logits(
   config = shrink(load_config(recipe))
   config.model.dtype = "bfloat16"
   model = build_model(config.model)
-  variables = init_variables(model, (1, 32, 32, 3))
+  variables = random_variables(abstract_variables(model, (1, 32, 32, 3)))
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
   images = jnp.zeros((8, 32, 32, 3))
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]))(
@@ -99,7 +99,7 @@ def test_real_valued_resnet_logits_within_bfloat16_tolerance():
   config = shrink(load_config("resnet18"))
   model32 = build_model(config.model)
   config.model.dtype = "bfloat16"
-  variables = trained_like(init_variables(model32, (1, 32, 32, 3)))
+  variables = trained_like(random_variables(abstract_variables(model32, (1, 32, 32, 3))))
   images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
   exact = jax.jit(lambda v: model32.apply(v, images, train=False))(variables)
   mixed = jax.jit(lambda v: build_model(config.model).apply(v, images, train=False))(variables)
@@ -111,7 +111,7 @@ def test_bfloat16_train_step_keeps_float32_state():
   config.model.dtype = "bfloat16"
   experiment = Experiment.from_config(config)
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
-  state = experiment.init_state(tx)
+  state = random_state(experiment, tx)
   train_step = experiment.make_train_step(tx, lr)
   batch = parallel.to_global(next(data.synthetic_batches(8, 32, 3, config.model.num_classes)),
                              experiment.mesh)
