@@ -2,7 +2,8 @@
 
     python scripts/run_recipe.py hcebnn --workdir workdirs/hcebnn            # ImageNet
     python scripts/run_recipe.py hcebnn_cifar10 --workdir workdirs/hcebnn_cifar10
-    python -m bnn_jax.train --config configs/hcebnn.py:binary --workdir DIR  # one stage
+    python -m bnn_jax.train --config configs/hcebnn.py:binary --workdir DIR \
+        --config.train.load_from=EXPANSION_DIR --config.teacher.checkpoint=REAL_DIR  # one stage
 
 The argument is ``STAGE`` or ``STAGE,DATASET``:
 
