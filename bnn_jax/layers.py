@@ -242,6 +242,21 @@ class ExpertBinaryConv(nn.Module):
   use_se: bool = True
   dtype: Dtype = jnp.float32
 
+  def convolve(self, x: jax.Array, one_hot: Optional[jax.Array], ede: EDE) -> jax.Array:
+    """The binarized convolution of each sample with its expert (``one_hot`` (B, E); None: expert
+    0 for every sample, an ordinary convolution). Bit-packed inference replaces this method, so
+    the float kernels are read here only (a packed file does not hold them)."""
+    kernels = self.get_variable("params", "kernel")
+    if self.activation_binarizer is not None:
+      x = get_binarizer(self.activation_binarizer)(x, ede)
+    binarize_kernel = (lambda w: w) if self.weight_binarizer is None else (
+        lambda w: get_binarizer(self.weight_binarizer)(w, ede))
+    pad = self.kernel_size // 2
+    if one_hot is None:
+      return conv2d(x, binarize_kernel(kernels[0]), self.strides, pad, self.groups, self.dtype)
+    per_sample = jax.vmap(binarize_kernel)(select_experts(one_hot, kernels))
+    return per_sample_conv2d(x, per_sample, self.strides, pad, self.groups, self.dtype)
+
   @nn.compact
   def __call__(self, x: jax.Array, ede: Optional[EDE] = None) -> jax.Array:
     ede = EDE.initial() if ede is None else ede
@@ -251,25 +266,17 @@ class ExpertBinaryConv(nn.Module):
     if self.use_se and self.features < 8:
       raise ConfigError(f"{self.name}: squeeze-and-excitation needs at least 8 output channels "
                         f"(its hidden width is out/8), not {self.features}")
-    kernels = self.param("kernel", nn.initializers.variance_scaling(
-        1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,)),
-        (self.num_experts, k, k, channels // self.groups, self.features))
+    if self.is_initializing():  # read by convolve
+      self.param("kernel", nn.initializers.variance_scaling(
+          1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,)),
+          (self.num_experts, k, k, channels // self.groups, self.features))
     pooled = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
     gate_logits = nn.Dense(self.num_experts, kernel_init=torch_default_init,
                            bias_init=torch_default_bias(channels), name="fc")(pooled)
-    if self.activation_binarizer is not None:
-      x = get_binarizer(self.activation_binarizer)(x, ede)
-    binarize_kernel = (lambda w: w) if self.weight_binarizer is None else (
-        lambda w: get_binarizer(self.weight_binarizer)(w, ede))
-    if self.use_first_expert:  # every sample on expert 0: an ordinary convolution
-      choice = jnp.zeros((batch,), jnp.int32)
-      y = conv2d(x, binarize_kernel(kernels[0]), self.strides, k // 2, self.groups, self.dtype)
-    else:
-      one_hot = winner_take_all(GATES[self.gate](gate_logits))
-      choice = jnp.argmax(one_hot, axis=-1)
-      per_sample = jax.vmap(binarize_kernel)(select_experts(one_hot, kernels))
-      y = per_sample_conv2d(x, per_sample, self.strides, k // 2, self.groups, self.dtype)
-    self.sow(SOWN, "expert_choice", choice)
+    one_hot = None if self.use_first_expert else winner_take_all(GATES[self.gate](gate_logits))
+    y = self.convolve(x, one_hot, ede)
+    self.sow(SOWN, "expert_choice", jnp.zeros((batch,), jnp.int32) if one_hot is None
+             else jnp.argmax(one_hot, axis=-1))
     if self.scale:
       y = ChannelScale(name="activation_post_process")(y)
     if self.use_se:

@@ -23,7 +23,7 @@ import numpy as np
 
 from bnn_jax.binarize import BINARY_OUTPUT, EDE, get_binarizer
 from bnn_jax.errors import ConfigError
-from bnn_jax.layers import BinaryConv
+from bnn_jax.layers import BinaryConv, ExpertBinaryConv
 from bnn_jax.models import build_model
 
 WORD_BITS = 32
@@ -98,6 +98,30 @@ def packed_weights(binary_kernel: jax.Array):
   return jnp.transpose(bits, (0, 2, 1)), scale
 
 
+def packed_expert_weights(binary_kernels: jax.Array, groups: int):
+  """(bits (E, groups, k·k, words, O/groups), scale (E, O)) of the binarized expert kernels
+  (E, k, k, C/groups, O) of an :class:`ExpertBinaryConv`: each group of each expert packed as
+  its own convolution (group j: output channels j·O/groups onwards, all C/groups inputs)."""
+  experts, k, _, inputs, out = binary_kernels.shape
+  per_group = binary_kernels.reshape(experts, k, k, inputs, groups, out // groups)
+  bits, scale = jax.vmap(jax.vmap(packed_weights, in_axes=3))(per_group)  # over experts, groups
+  return bits, scale.reshape(experts, out)
+
+
+def packed_expert_conv(binary_x: jax.Array, choice: jax.Array, layer: Dict[str, jax.Array],
+                       groups: int, kernel_size: int, strides: int, padding: int) -> jax.Array:
+  """Sample b of ``binary_x`` (±1, NHWC) convolved on bits with expert ``choice[b]``'s packed
+  kernel, group by group; float32 ``scale · dot`` (the layer of :func:`packed_expert_weights`)."""
+  batch, height, width, channels = binary_x.shape
+  inputs = channels // groups
+  activations = pack(binary_x.reshape(batch, height, width, groups, inputs))  # (B, H, W, g, words)
+  one = lambda a, w: packed_conv(a[None], w, inputs, kernel_size, strides, padding)[0]  # noqa: E731
+  per_group = jax.vmap(one, in_axes=(2, 0), out_axes=2)  # over groups
+  dots = jax.vmap(per_group)(activations, layer["bits"][choice])  # (B, H', W', g, O/g)
+  dots = dots.reshape(dots.shape[:3] + (-1,))
+  return dots.astype(jnp.float32) * layer["scale"][choice][:, None, None, :]
+
+
 def is_binary_conv(module: BinaryConv) -> bool:
   """Whether both halves of ``module`` are binary (±1 activations, ±α weights)."""
   return (module.activation_binarizer in BINARY_OUTPUT
@@ -109,11 +133,12 @@ def _path(module: nn.Module) -> str:
 
 
 def check_packable(module: BinaryConv) -> None:
-  """Refuses a convolution with one half binary and the other real, or a non-binary estimator."""
+  """Refuses a convolution with one half binary and the other real, or a non-binary estimator
+  (and a grouped :class:`BinaryConv`; expert convolutions pack each group)."""
   halves = (module.activation_binarizer, module.weight_binarizer)
   name = _path(module)
   if halves == (None, None) or is_binary_conv(module):
-    if module.groups != 1 and halves != (None, None):
+    if isinstance(module, BinaryConv) and module.groups != 1 and halves != (None, None):
       raise ConfigError(f"bit-packed inference supports ungrouped binary convolutions; "
                         f"{name} has groups={module.groups}")
     return
@@ -122,9 +147,13 @@ def check_packable(module: BinaryConv) -> None:
       f"{halves[0] or 'real'} and weights {halves[1] or 'real'} (binary: {sorted(BINARY_OUTPUT)})")
 
 
+# The methods bit-packed inference replaces: a BinaryConv's forward, an ExpertBinaryConv's convolution.
+_PACKED_METHODS = {BinaryConv: "__call__", ExpertBinaryConv: "convolve"}
+
+
 def _binary_conv_call(context) -> bool:
-  """Whether an intercepted call is a BinaryConv's forward (checked packable)."""
-  if isinstance(context.module, BinaryConv) and context.method_name == "__call__":
+  """Whether an intercepted call is a binary convolution to pack (checked packable)."""
+  if _PACKED_METHODS.get(type(context.module)) == context.method_name:
     check_packable(context.module)
     return is_binary_conv(context.module)
   return False
@@ -139,9 +168,12 @@ def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Di
   def record(next_fun, args, kwargs, context):
     if _binary_conv_call(context):
       module = context.module
-      kernel = get_binarizer(module.weight_binarizer)(module.get_variable("params", "kernel"),
-                                                      EDE.initial())
-      bits, scale = packed_weights(kernel)
+      binarize = lambda w: get_binarizer(module.weight_binarizer)(w, EDE.initial())  # noqa: E731
+      kernel = module.get_variable("params", "kernel")
+      if isinstance(module, ExpertBinaryConv):  # every expert, each binarized on its own
+        bits, scale = packed_expert_weights(jax.vmap(binarize)(kernel), module.groups)
+      else:
+        bits, scale = packed_weights(binarize(kernel))
       found[_path(module)] = {"bits": bits, "scale": scale}
     return next_fun(*args, **kwargs)
 
@@ -170,8 +202,14 @@ class PackedClassifier:
         return next_fun(*args, **kwargs)
       module, x = context.module, args[0]
       layer = weights[_path(module)]
-      activations = pack(get_binarizer(module.activation_binarizer)(x, EDE.initial()))
-      dots = packed_conv(activations, layer["bits"], x.shape[-1], module.kernel_size,
+      binary_x = get_binarizer(module.activation_binarizer)(x, EDE.initial())
+      if isinstance(module, ExpertBinaryConv):
+        one_hot = args[1]
+        choice = (jnp.zeros(x.shape[:1], jnp.int32) if one_hot is None
+                  else jnp.argmax(one_hot, axis=-1))
+        return packed_expert_conv(binary_x, choice, layer, module.groups, module.kernel_size,
+                                  module.strides, module.kernel_size // 2).astype(module.dtype)
+      dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
                          module.strides, module.pad_width)
       return (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
 
@@ -198,6 +236,7 @@ def packed_model(model: nn.Module, variables: Dict[str, Any],
 #   "input_shape"           one batch's input shape, e.g. [1, 224, 224, 3]
 #   "packed/<layer>/bits"   uint32 (k·k, words, O): bit i of word j = input channel 32·j + i is +1
 #   "packed/<layer>/scale"  float32 (O,): the layer's output is scale · (K − 2·popcount(a XOR w))
+#                           (an expert conv: bits (E, groups, k·k, words, O/groups), scale (E, O))
 #   "<collection>/<path>"   every other variable (real convolutions, BatchNorm, PReLU, head) as is
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnn_jax import packed
 from bnn_jax.binarize import ste_sign, winner_take_all
 from bnn_jax.bops import analyze_model
 from bnn_jax.convert import hcebnn_training_keys, model_config_from_hcebnn, torch_to_flax
@@ -17,6 +18,7 @@ from bnn_jax.models.hcebnn import expand_experts, parameters_per_image
 from bnn_jax.parity import check_fixture
 
 from conftest import SHARED
+from helpers import random_variables, trained_like
 
 HCEBNN_DIR = SHARED / "reference" / "hcebnn"
 FIXTURES = sorted(p.stem for p in HCEBNN_DIR.glob("*.npz"))
@@ -215,3 +217,20 @@ def test_configuration_errors_are_clear():
                           (dict(stem="vgg"), "unknown stem")):
     with pytest.raises(ConfigError, match=message):
       abstract_variables(small_model(**fields), (1, 32, 32, 3))
+
+
+def test_bit_packed_inference_equals_the_float_model_and_survives_the_file(tmp_path):
+  """Each sample's expert on XNOR-popcount of packed bits, group by group: the same logits."""
+  config = dict(backbone="EBResNet", num_classes=10, structure=(1, 1, 1, 1), groups=(4, 8, 8, 16),
+                expansion=(0.5, 0.5, 0.25, 0.25), stem_channels=64)
+  model = build_model(config)
+  variables = trained_like(random_variables(abstract_variables(model, (1, 32, 32, 3))))
+  images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+  expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  weights = packed.pack_weights(model, variables, images.shape)
+  assert weights["backbone/layer2.0/conv1"]["bits"].shape == (4, 8, 9, 1, 8)  # E, g, k², words, O/g
+  assert not any("downsample" in layer for layer in weights)  # real-valued: runs as is
+  path = str(tmp_path / "hcebnn.npz")
+  packed.save(path, config, images.shape, variables, weights)
+  for logits in (packed.PackedClassifier(model, weights).bind(variables)(images), packed.load(path)(images)):
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
