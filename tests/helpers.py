@@ -74,3 +74,17 @@ def random_state(experiment, tx, seed: int = 0):
   variables = random_variables(experiment.variables_template(), seed)
   return step.TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
                          tx.init(variables["params"]))
+
+
+def compiled_fast(jitted):
+  """``jitted`` compiled at its first call without LLVM's optimisations (for a step a test runs a
+  few times on tiny inputs: the compile is the cost); later calls reuse that executable."""
+  from bnn_jax.parallel import run_once_compiler_options
+  compiled = []
+
+  def call(*args):
+    if not compiled:
+      compiled.append(jitted.lower(*args).compile(run_once_compiler_options()))
+    return compiled[0](*args)
+
+  return call

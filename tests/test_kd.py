@@ -15,7 +15,7 @@ from bnn_jax.losses import attention_map, attention_transfer, distribution_loss
 from bnn_jax.models import build_model, init_variables
 from bnn_jax.recipes import apply_override, run_recipe, stage_configs
 
-from helpers import load_config, random_state, shrink
+from helpers import compiled_fast, load_config, random_state, shrink
 
 
 def test_distribution_loss_by_hand():
@@ -67,7 +67,7 @@ def _kd_setup(recipe, teacher_batchnorm, loss):
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   teacher = build_model(config.teacher.model)
   teacher_variables = _teacher_variables(teacher)
-  train_step = experiment.make_train_step(tx, lr, None, teacher)
+  train_step = compiled_fast(experiment.make_train_step(tx, lr, None, teacher))
   return experiment, tx, train_step, teacher_variables
 
 

@@ -13,7 +13,7 @@ from bnn_jax.experiment import Experiment
 from bnn_jax.layers import BinaryConv
 from bnn_jax.models import abstract_variables, blocks, build_model
 
-from helpers import load_config, random_state, random_variables, shrink, trained_like
+from helpers import compiled_fast, load_config, random_state, random_variables, shrink, trained_like
 
 BF16 = jnp.bfloat16
 
@@ -112,7 +112,7 @@ def test_bfloat16_train_step_keeps_float32_state():
   experiment = Experiment.from_config(config)
   tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   state = random_state(experiment, tx)
-  train_step = experiment.make_train_step(tx, lr)
+  train_step = compiled_fast(experiment.make_train_step(tx, lr))
   batch = parallel.to_global(next(data.synthetic_batches(8, 32, 3, config.model.num_classes)),
                              experiment.mesh)
   metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
