@@ -143,7 +143,8 @@ def per_sample_conv2d(x: jax.Array, kernels: jax.Array, strides: int, pad: int, 
   and one batched matmul per (sample, group).
 
   XLA:CPU runs a convolution with B·groups feature groups (what ``vmap`` of a convolution gives)
-  100 to 190 times slower than this, forward and backward, for HCEBNN's shapes (README: "HCEBNN").
+  33 to 348 times slower than this, forward and backward, for HCEBNN-like shapes
+  (``scripts/benchmark_per_sample_conv.py``).
   """
   batch, height, width, channels = x.shape
   k, features = kernels.shape[1], kernels.shape[-1]

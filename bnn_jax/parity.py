@@ -105,6 +105,7 @@ def check_fixture(npz_path: str) -> ParityReport:
 
   template = abstract_variables(model, images.shape)
   variables = torch_to_flax(state_dict, template)
+  torchvision = is_torchvision(state_dict)  # the fixture's other state dicts are named alike
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
   def train_loss(params):
@@ -127,7 +128,7 @@ def check_fixture(npz_path: str) -> ParityReport:
   stats_state_dict = rename(with_prefix(fixture, "running_after_train_step/"))
   reference = by_torch_key(torch_to_flax(
       stats_state_dict, {"batch_stats": template["batch_stats"]},
-      torchvision=is_torchvision(state_dict))["batch_stats"]) if stats_state_dict else {}
+      torchvision=torchvision)["batch_stats"]) if stats_state_dict else {}
   for stat in ("mean", "var"):  # both as PyTorch updates them (the variance unbiased)
     keys = [k for k in new_stats if k.endswith(f".running_{stat}")]
     if keys and reference:
@@ -142,7 +143,7 @@ def check_fixture(npz_path: str) -> ParityReport:
   grad_state_dict = rename(with_prefix(fixture, "grad/"))
   if grad_state_dict:
     grad_ref = by_torch_key(torch_to_flax(grad_state_dict, {"params": template["params"]},
-                                          torchvision=is_torchvision(state_dict))["params"])
+                                          torchvision=torchvision)["params"])
     for key, ours in by_torch_key(grads).items():
       delta = float(np.linalg.norm(np.asarray(ours, np.float64) - grad_ref[key]))
       rows.append((key, delta, float(np.linalg.norm(grad_ref[key]))))

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_per_sample_conv.py [--repeats 5]
 
-Times forward + backward (jitted, after a warm-up call) of each sample convolved with its own
+Times forward + backward (jitted, median of --repeats after a warm-up call) of each sample convolved with its own
 kernel, written two ways: ``vmap`` of a convolution, which JAX lowers to one convolution with
 batch·groups feature groups (the official code's formulation), and
 :func:`bnn_jax.layers.per_sample_conv2d` (im2col and a batched matmul, what the model uses).
@@ -11,7 +11,6 @@ Both are checked equal first. Prints one row per shape.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bnn_jax.layers import conv2d, per_sample_conv2d  # noqa: E402
+from benchmark_packed import median_seconds  # noqa: E402  (scripts/, this script's folder)
 
 # (batch, size, in channels, out channels, groups, kernel, stride): HCEBNN-like layers
 SHAPES = ((64, 8, 32, 32, 2, 3, 1), (32, 14, 256, 256, 8, 3, 1), (32, 28, 128, 256, 4, 3, 2),
@@ -38,12 +38,7 @@ def im2col_conv(x, kernels, strides, groups):
 def seconds(conv, x, kernels, strides, groups, repeats):
   step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w, strides, groups))),
                           argnums=(0, 1)))
-  jax.block_until_ready(step(x, kernels))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    result = step(x, kernels)
-  jax.block_until_ready(result)
-  return (time.perf_counter() - start) / repeats
+  return median_seconds(step, x, kernels, repeats=repeats)
 
 
 def main():

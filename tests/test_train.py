@@ -3,7 +3,6 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,7 +14,8 @@ from bnn_jax.experiment import Experiment
 from bnn_jax.models import abstract_variables, build_model
 from bnn_jax.train import NonFiniteLoss, train_and_evaluate
 
-from helpers import CONFIGS, digits_config, load_config, random_state, random_variables, shrink
+from helpers import (CONFIGS, compiled_fast, digits_config, load_config, random_state,
+                     random_variables, shrink)
 
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("cifar10", "quickstart", "digits_kd"))
 
@@ -111,12 +111,9 @@ def test_every_recipe_builds_and_takes_one_step(recipe):
   train_step = experiment.make_train_step(tx, lr, experiment.make_ede(10, 10), teacher)
   state = random_state(experiment, tx)  # drawn on the host: one compile per recipe (the step)
   batch = next(data.synthetic_batches(8, 32, 3, config.model.num_classes))
-  arguments = (state, parallel.to_global(batch, experiment.mesh),
-               jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh)),
-               teacher_variables)
-  # The step runs once: compiled without LLVM's optimisations, as programs that run once are.
-  compiled = train_step.lower(*arguments).compile(parallel.run_once_compiler_options())
-  state, metrics = compiled(*arguments)
+  state, metrics = compiled_fast(train_step)(  # the step runs once
+      state, parallel.to_global(batch, experiment.mesh),
+      jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh)), teacher_variables)
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss_sum"]))
 
 

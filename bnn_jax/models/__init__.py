@@ -18,8 +18,8 @@ BACKBONES = {**BACKBONES, "EBResNet": EBResNet}
 # Applied to the parameters ``train.load_from`` restores (``train.load_transform``).
 LOAD_TRANSFORMS = {"expand_experts": expand_experts}
 
-__all__ = ["build_model", "load_transform", "abstract_variables", "block_outputs", "Classifier", "ResArch",
-           "MobileArch", "EBResNet", "RES_ARCHS", "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
+__all__ = ["build_model", "load_transform", "abstract_variables", "block_outputs", "Classifier",
+           "ResArch", "MobileArch", "EBResNet", "RES_ARCHS", "MOBILE_ARCHS", "BLOCK_OUTPUTS"]
 
 _CLASSIFIER_KEYS = ("backbone", "num_classes", "neck", "dtype")
 
