@@ -10,8 +10,6 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bnn_jax import data, parallel, step
@@ -134,24 +132,3 @@ class Experiment:
     fetched = {k: float(v) for k, v in jax.device_get(sums).items()}
     return step.summarize(fetched) | {"num_examples": int(fetched["count"])}
 
-
-def partial_load(fresh: Any, loaded: Any):
-  """``fresh`` with every leaf that ``loaded`` has at the same path and shape replaced.
-
-  Returns (tree, restored paths, freshly initialised paths, paths of ``loaded`` left unused).
-  """
-  available = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-  restored, fresh_paths = [], []
-
-  def pick(path, value):
-    key = jax.tree_util.keystr(path)
-    other = available.get(key)
-    if other is not None and np.shape(other) == np.shape(value):
-      restored.append(key)
-      return jnp.asarray(other, value.dtype)
-    fresh_paths.append(key)
-    return value
-
-  tree = jax.tree_util.tree_map_with_path(pick, fresh)
-  unused = sorted(set(available) - set(restored))
-  return tree, restored, fresh_paths, unused

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnn_jax.binarize import EDE, get_binarizer, winner_take_all
+from bnn_jax import binarize
+from bnn_jax.binarize import EDE, BinarizerSpec, winner_take_all
 from bnn_jax.errors import ConfigError
 
 Dtype = Any
@@ -86,8 +87,8 @@ def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32,
 class BinaryConv(nn.Module):
   """A 2-D convolution that binarizes its input and/or its kernel.
 
-  ``activation_binarizer`` / ``weight_binarizer`` are names from
-  :data:`bnn_jax.binarize.BINARIZERS`; ``None`` leaves that operand real
+  ``activation_binarizer`` / ``weight_binarizer`` are what :func:`bnn_jax.binarize.get`
+  takes (a registered name, a dict with parameters, a callable); ``None`` leaves that operand real
   (this is how ``binary_type`` switches halves on and off).
   """
   features: int
@@ -95,8 +96,8 @@ class BinaryConv(nn.Module):
   strides: int = 1
   padding: Optional[int] = None  # default: kernel_size // 2, as every conv of the original
   groups: int = 1
-  activation_binarizer: Optional[str] = None
-  weight_binarizer: Optional[str] = None
+  activation_binarizer: Optional[BinarizerSpec] = None
+  weight_binarizer: Optional[BinarizerSpec] = None
   dtype: Dtype = jnp.float32
 
   @property
@@ -110,9 +111,9 @@ class BinaryConv(nn.Module):
     k, pad = self.kernel_size, self.pad_width
     kernel = self.param("kernel", conv_init, (k, k, x.shape[-1] // self.groups, self.features))
     if self.activation_binarizer is not None:
-      x = get_binarizer(self.activation_binarizer)(x, ede)
+      x = binarize.get(self.activation_binarizer)(x, ede)
     if self.weight_binarizer is not None:
-      kernel = get_binarizer(self.weight_binarizer)(kernel, ede)
+      kernel = binarize.get(self.weight_binarizer)(kernel, ede)
     return conv2d(x, kernel, self.strides, pad, self.groups, self.dtype)
 
 
@@ -236,8 +237,8 @@ class ExpertBinaryConv(nn.Module):
   groups: int = 1
   num_experts: int = 4
   gate: str = "sigmoid"
-  activation_binarizer: Optional[str] = None
-  weight_binarizer: Optional[str] = None
+  activation_binarizer: Optional[BinarizerSpec] = None
+  weight_binarizer: Optional[BinarizerSpec] = None
   use_first_expert: bool = False
   scale: bool = True
   use_se: bool = True
@@ -249,9 +250,9 @@ class ExpertBinaryConv(nn.Module):
     the float kernels are read here only (a packed file does not hold them)."""
     kernels = self.get_variable("params", "kernel")
     if self.activation_binarizer is not None:
-      x = get_binarizer(self.activation_binarizer)(x, ede)
+      x = binarize.get(self.activation_binarizer)(x, ede)
     binarize_kernel = (lambda w: w) if self.weight_binarizer is None else (
-        lambda w: get_binarizer(self.weight_binarizer)(w, ede))
+        lambda w: binarize.get(self.weight_binarizer)(w, ede))
     pad = self.kernel_size // 2
     if one_hot is None:
       return conv2d(x, binarize_kernel(kernels[0]), self.strides, pad, self.groups, self.dtype)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnn_jax.binarize import BINARY_OUTPUT, EDE, get_binarizer
+from bnn_jax import binarize
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import BinaryConv, ExpertBinaryConv
 from bnn_jax.models import build_model
@@ -124,8 +124,8 @@ def packed_expert_conv(binary_x: jax.Array, choice: jax.Array, layer: Dict[str, 
 
 def is_binary_conv(module: BinaryConv) -> bool:
   """Whether both halves of ``module`` are binary (±1 activations, ±α weights)."""
-  return (module.activation_binarizer in BINARY_OUTPUT
-          and module.weight_binarizer in BINARY_OUTPUT)
+  return all(spec is not None and binarize.get(spec).binary
+             for spec in (module.activation_binarizer, module.weight_binarizer))
 
 
 def _path(module: nn.Module) -> str:
@@ -144,7 +144,12 @@ def check_packable(module: BinaryConv) -> None:
     return
   raise ConfigError(
       f"bit-packed inference needs fully binary convolutions; {name} has activations "
-      f"{halves[0] or 'real'} and weights {halves[1] or 'real'} (binary: {sorted(BINARY_OUTPUT)})")
+      f"{_describe(halves[0])} and weights {_describe(halves[1])} (binary: "
+      f"{sorted(n for n, b in binarize.REGISTRY.items() if b.binary)})")
+
+
+def _describe(spec) -> str:
+  return "real" if spec is None else binarize.get(spec).name
 
 
 # The methods bit-packed inference replaces: a BinaryConv's forward, an ExpertBinaryConv's convolution.
@@ -168,12 +173,12 @@ def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Di
   def record(next_fun, args, kwargs, context):
     if _binary_conv_call(context):
       module = context.module
-      binarize = lambda w: get_binarizer(module.weight_binarizer)(w, EDE.initial())  # noqa: E731
+      binarize_kernel = binarize.get(module.weight_binarizer)
       kernel = module.get_variable("params", "kernel")
       if isinstance(module, ExpertBinaryConv):  # every expert, each binarized on its own
-        bits, scale = packed_expert_weights(jax.vmap(binarize)(kernel), module.groups)
+        bits, scale = packed_expert_weights(jax.vmap(binarize_kernel)(kernel), module.groups)
       else:
-        bits, scale = packed_weights(binarize(kernel))
+        bits, scale = packed_weights(binarize_kernel(kernel))
       found[_path(module)] = {"bits": bits, "scale": scale}
     return next_fun(*args, **kwargs)
 
@@ -202,7 +207,7 @@ class PackedClassifier:
         return next_fun(*args, **kwargs)
       module, x = context.module, args[0]
       layer = weights[_path(module)]
-      binary_x = get_binarizer(module.activation_binarizer)(x, EDE.initial())
+      binary_x = binarize.get(module.activation_binarizer)(x)
       if isinstance(module, ExpertBinaryConv):
         one_hot = args[1]
         choice = (jnp.zeros(x.shape[:1], jnp.int32) if one_hot is None

@@ -17,9 +17,9 @@ import numpy as np
 from absl import flags
 
 from bnn_jax import cli, data, parallel, step
-from bnn_jax.checkpoint import CheckpointError, Checkpoints
+from bnn_jax.checkpoint import CheckpointError, Checkpoints, partial_load
 from bnn_jax.errors import ConfigError
-from bnn_jax.experiment import Experiment, partial_load
+from bnn_jax.experiment import Experiment
 from bnn_jax.models import load_transform
 from bnn_jax.report import Reporter
 from bnn_jax.workdir import claim

@@ -18,40 +18,76 @@ def grad_of(fn, x):
   return vjp(jnp.ones_like(x))[0]
 
 
-@pytest.mark.parametrize("name", ["ede_sign", "approx_sign", "ste_sign", "ste_sign_clip1.25"])
-def test_forward_is_exactly_plus_minus_one_with_sign0_plus1(name):
-  out = binarize.get_binarizer(name)(GRID, EDE.initial())
-  np.testing.assert_array_equal(out, np.where(np.asarray(GRID) >= 0, 1.0, -1.0))
+BINARY = sorted(name for name, b in binarize.REGISTRY.items() if b.binary)
 
 
-@pytest.mark.parametrize("k,t", [(10.0, 0.1), (2.5, 0.4), (1.0, 10.0)])
-def test_ede_sign_gradient_is_k_t_sech2(k, t):
-  grad = grad_of(lambda x: binarize.ede_sign(x, k, t), GRID)
-  expected = k * t * (1 - np.tanh(t * np.asarray(GRID, np.float64)) ** 2)
-  # float32 1 − tanh² rounds to 0 below ~1e-7, as in the original.
-  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("name", BINARY)
+def test_every_binary_binarizer_outputs_a_per_channel_scaled_sign_with_sign0_plus1(name):
+  x = jnp.tile(GRID[:, None], (1, 3)) * jnp.array([1.0, 0.5, 2.0])  # 3 "output channels"
+  out = np.asarray(binarize.get(name)(x, EDE(jnp.float32(3.0), jnp.float32(0.3))))
+  scale = np.abs(out).max(0)
+  assert np.all(scale > 0)
+  # IR-Net's weight binarizer standardises first: its sign is that of x − mean over the channel.
+  centre = np.asarray(x).mean(0) if name == "irnet_weight" else 0.0
+  np.testing.assert_array_equal(out / scale, np.where(np.asarray(x) - centre >= 0, 1.0, -1.0))
 
 
-def test_ede_sign_passes_no_gradient_to_k_and_t():
-  gk, gt = jax.grad(lambda k, t: binarize.ede_sign(GRID, k, t).sum() * 3.0, argnums=(0, 1))(
-      jnp.float32(2.0), jnp.float32(0.5))
-  assert gk == 0.0 and gt == 0.0
+@pytest.mark.parametrize("name", sorted(binarize.REGISTRY))
+def test_every_binarizer_has_a_gradient_and_is_jit_and_vmap_safe(name):
+  binarizer = binarize.get(name)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(binarizer(x, EDE.initial()) * GRID[:, None])))(
+      jnp.tile(GRID[:, None], (1, 2)))
+  assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
+  batched = jax.vmap(lambda x: binarizer(x, EDE.initial()))(jnp.tile(GRID[None, :, None], (2, 1, 2)))
+  assert batched.shape == (2, GRID.shape[0], 2)
 
 
-def test_approx_sign_gradient_is_piecewise_linear():
-  grad = grad_of(binarize.approx_sign, GRID)
-  x = np.asarray(GRID)
-  expected = np.where((x >= -1) & (x < 0), 2 + 2 * x, np.where((x >= 0) & (x < 1), 2 - 2 * x, 0.0))
-  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=0)
-  # The breakpoints by hand: slope 0 at -1, 2 at 0, 0 at ±1 and beyond.
-  at = dict(zip(x.tolist(), np.asarray(grad).tolist()))
-  assert at[-1.0] == 0.0 and at[0.0] == 2.0 and at[1.0] == 0.0 and at[-0.5] == 1.0 and at[0.5] == 1.0
+def test_a_dict_binds_parameters_and_a_callable_is_taken_as_is():
+  clip125 = binarize.get({"name": "ste_sign", "clip": 1.25})
+  assert clip125.params == (("clip", 1.25),)
+  np.testing.assert_array_equal(grad_of(lambda x: clip125(x), GRID),
+                                (np.abs(np.asarray(GRID)) <= 1.25).astype(np.float32))
+  strict = binarize.get({"name": "ste_sign", "closed": False})
+  np.testing.assert_array_equal(grad_of(lambda x: strict(x), GRID),
+                                (np.abs(np.asarray(GRID)) < 1.0).astype(np.float32))
+  mine = binarize.get(lambda x: binarize.sign(x) * 2.0)
+  np.testing.assert_array_equal(mine(GRID), np.where(np.asarray(GRID) >= 0, 2.0, -2.0))
+  with pytest.raises(ValueError, match="binarizer 'ste_sign' has no parameter \\['clap'\\]; valid: \\['clip', 'closed'\\]"):
+    binarize.get({"name": "ste_sign", "clap": 1.0})
+  with pytest.raises(ValueError, match="has no 'name'"):
+    binarize.get({"clip": 1.0})
 
 
-@pytest.mark.parametrize("clip", [1.0, 1.25])
-def test_clipped_ste_passes_gradient_inside_clip_inclusive(clip):
-  grad = grad_of(lambda x: binarize.ste_sign(x, clip), GRID)
-  np.testing.assert_array_equal(grad, (np.abs(np.asarray(GRID)) <= clip).astype(np.float32))
+def test_a_user_registered_estimator_with_a_parameter_from_config():
+  """What README's "how to extend" shows: an estimator defined outside the package."""
+  from bnn_jax.config import model_section
+  from bnn_jax.layers import BinaryConv
+  from bnn_jax.models import build_model
+
+  @binarize.register("test_scaled_sign")
+  def scaled_sign(x, scale: float = 1.0):
+    return scale * binarize.ste_sign(x)
+
+  try:
+    binarize.register("test_scaled_sign")(scaled_sign)  # the same function again: a reloaded file
+    with pytest.raises(ValueError, match="'test_scaled_sign' is already registered"):
+      binarize.register("test_scaled_sign")(lambda x: x)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    plain = BinaryConv(5, activation_binarizer="ste_sign")
+    variables = plain.init(jax.random.key(1), x)
+    doubled = BinaryConv(5, activation_binarizer={"name": "test_scaled_sign", "scale": 2.0})
+    np.testing.assert_allclose(doubled.apply(variables, x), 2 * plain.apply(variables, x), rtol=1e-6)
+    config = model_section(arch="BiRealNet-18", num_classes=4, stem_channels=8, base_channels=8,
+                           cifar_stem=True, binarizers=({"name": "test_scaled_sign", "scale": 0.5},
+                                                        "scaled_ste_sign"))
+    model = build_model(config)
+    images = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(3), images, train=False)
+    grads = jax.grad(lambda p: model.apply({**variables, "params": p}, images, train=False).sum())(
+        variables["params"])
+    assert np.abs(np.asarray(grads["backbone"]["layer1.0"]["conv1"]["kernel"])).sum() > 0
+  finally:
+    del binarize.REGISTRY["test_scaled_sign"]
 
 
 def _kernel(seed=0, shape=(3, 3, 4, 6)):
@@ -89,15 +125,15 @@ def test_irnet_weight_gradient_is_ede_through_standardisation_with_detached_scal
 
 def test_scaled_ste_sign_output_and_gradient():
   w = _kernel(3)
-  out = binarize.scaled_ste_sign(w, EDE.initial())
+  out = binarize.scaled_ste_sign(w)
   alpha = np.abs(np.asarray(w)).mean((0, 1, 2))
   np.testing.assert_allclose(out, np.where(np.asarray(w) >= 0, 1.0, -1.0) * alpha, rtol=1e-6)
   cot = jax.random.normal(jax.random.key(4), w.shape)
-  got = jax.vjp(lambda w: binarize.scaled_ste_sign(w, EDE.initial()), w)[1](cot)[0]
+  got = jax.vjp(binarize.scaled_ste_sign, w)[1](cot)[0]
   # The scale is detached: the gradient is alpha · 1[|w| ≤ 1] · upstream, nothing through alpha.
   np.testing.assert_allclose(got, alpha * (np.abs(np.asarray(w)) <= 1) * np.asarray(cot), rtol=1e-6)
 
 
 def test_unknown_binarizer_names_the_valid_ones():
   with pytest.raises(ValueError, match="unknown binarizer 'sgn'.*approx_sign"):
-    binarize.get_binarizer("sgn")
+    binarize.get("sgn")

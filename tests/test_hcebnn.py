@@ -14,7 +14,7 @@ from bnn_jax.convert import hcebnn_training_keys, model_config_from_hcebnn, torc
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import SOWN, BinaryConv, ExpertBinaryConv, conv2d, select_experts
 from bnn_jax.models import abstract_variables, build_model
-from bnn_jax.models.hcebnn import expand_experts, parameters_per_image
+from bnn_jax.models.hcebnn import STRICT_STE_SIGN, expand_experts, parameters_per_image
 from bnn_jax.parity import check_fixture
 
 from conftest import SHARED
@@ -22,7 +22,7 @@ from helpers import random_variables, trained_like
 
 HCEBNN_DIR = SHARED / "reference" / "hcebnn"
 FIXTURES = sorted(p.stem for p in HCEBNN_DIR.glob("*.npz"))
-BINARY = dict(activation_binarizer="ste_sign_open", weight_binarizer="ste_sign_open")
+BINARY = dict(activation_binarizer=STRICT_STE_SIGN, weight_binarizer=STRICT_STE_SIGN)
 
 
 def released_reference():

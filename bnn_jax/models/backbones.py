@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bnn_jax.binarize import EDE
+from bnn_jax.binarize import EDE, BinarizerPair
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import SOWN, batch_norm, conv, make_activation, max_pool_3x3_s2
 from bnn_jax.models import blocks
@@ -68,7 +68,7 @@ class ResArch(nn.Module):
   avg_down: bool = False
   stem_act: Optional[str] = None
   binary_type: Tuple[bool, bool] = (True, True)
-  binarizers: Optional[Tuple[Optional[str], Optional[str]]] = None
+  binarizers: Optional[BinarizerPair] = None
   cifar_stem: bool = False
   bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
@@ -106,7 +106,7 @@ class MobileArch(nn.Module):
   layers_cfg: Optional[Sequence[Sequence[int]]] = None
   stem_act: Optional[str] = None
   binary_type: Tuple[bool, bool] = (True, True)
-  binarizers: Optional[Tuple[Optional[str], Optional[str]]] = None
+  binarizers: Optional[BinarizerPair] = None
   cifar_stem: bool = False
   bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32

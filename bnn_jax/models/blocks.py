@@ -11,11 +11,11 @@ from typing import Any, ClassVar, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bnn_jax.binarize import EDE
+from bnn_jax.binarize import EDE, BinarizerPair as Binarizers
 from bnn_jax.layers import (AttentionScale, BinaryConv, LearnableBias, LearnableScale, PReLU,
                             RPReLU, avg_pool_ceil, batch_norm, conv, hardtanh)
 
-Binarizers = Tuple[Optional[str], Optional[str]]
+STE_SIGN_1_25 = {"name": "ste_sign", "clip": 1.25}  # Real-to-Binary's activations and weights
 
 
 class Downsample(nn.Module):
@@ -42,8 +42,8 @@ class Downsample(nn.Module):
 class ResBlock(nn.Module):
   """Fields and helpers shared by the ResNet-layout blocks (two 3×3 convs).
 
-  ``binarizers`` is the pair (activations, weights) of binarizer names the
-  method uses; ``binary_type`` switches each half on or off; ``bn_group_size`` is the
+  ``binarizers`` is the pair (activations, weights) of binarizers (:func:`bnn_jax.binarize.get`)
+  the method uses; ``binary_type`` switches each half on or off; ``bn_group_size`` is the
   ghost-batch size of every BatchNorm (:class:`bnn_jax.layers.BatchNorm`).
   """
   features: int
@@ -117,7 +117,7 @@ class ReActNetBlockA(ResBlock):
 
 class RealToBinaryBlock(ResBlock):
   """Real-to-Binary Net: BN → binary conv → attention scale → PReLU, shortcut; twice."""
-  default_binarizers: ClassVar[Binarizers] = ("ste_sign_clip1.25", "ste_sign_clip1.25")
+  default_binarizers: ClassVar[Binarizers] = (STE_SIGN_1_25, STE_SIGN_1_25)
   scale: str = "attention"
 
   def make_scale(self, name: str) -> nn.Module:

@@ -18,13 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnn_jax.binarize import EDE
+from bnn_jax.binarize import EDE, BinarizerPair
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import (BatchNorm, ExpertBinaryConv, PReLU, avg_pool_ceil, conv,
                             max_pool_3x3_s2)
 from bnn_jax.models.backbones import sow_block_output
 
 STAGE_WIDTHS = (64, 128, 256, 512)  # times ``expansion``
+STRICT_STE_SIGN = {"name": "ste_sign", "closed": False}  # the official SignActivation
 STEMS = ("dabnn", "basic", "cifar")  # cifar: 3×3/1 conv → BN → ReLU, for 8×8 to 32×32 inputs
 
 
@@ -64,7 +65,7 @@ class ExpertSettings:
   """What every expert conv of one network shares; :meth:`conv` builds one."""
   num_experts: int = 4
   gate: str = "sigmoid"
-  binarizers: Tuple[Optional[str], Optional[str]] = (None, None)  # (activations, weights), None = real
+  binarizers: BinarizerPair = (None, None)
   use_only_first: bool = False
   use_se: bool = True
   dtype: Any = jnp.float32
@@ -158,7 +159,7 @@ class EBResNet(nn.Module):
   stem: str = "dabnn"
   stem_channels: int = 64
   binary_type: Tuple[bool, bool] = (True, True)
-  binarizers: Optional[Tuple[Optional[str], Optional[str]]] = None
+  binarizers: Optional[BinarizerPair] = None
   use_only_first: bool = False
   released_form: bool = False
   bn_group_size: Optional[int] = None
@@ -181,7 +182,7 @@ class EBResNet(nn.Module):
       x = nn.relu(BatchNorm(not train, self.bn_group_size, dtype=self.dtype, name="bn1")(x))
       if basic:
         x = max_pool_3x3_s2(x)
-    names = self.binarizers or ("ste_sign_open", "ste_sign_open")
+    names = self.binarizers or (STRICT_STE_SIGN, STRICT_STE_SIGN)
     experts = ExpertSettings(
         self.num_experts, self.gate,
         tuple(name if on else None for name, on in zip(names, self.binary_type)),
