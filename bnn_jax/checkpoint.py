@@ -100,12 +100,16 @@ class Checkpoints:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, state_template: Any, sharding, step: Optional[int] = None,
-              model_name: str = "this config's model") -> Tuple[Any, Dict[str, Any]]:
+              model_name: str = "this config's model",
+              model_config: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict[str, Any]]:
     """The state at ``step`` (default: the newest that restores), shaped like ``state_template``,
-    and its metadata."""
+    and its metadata. With ``model_config`` (a config's ``model`` section as JSON), a checkpoint
+    saved with another one is refused too, even when every shape fits (other binarizers)."""
 
     def restore_step(s):
       self._check_fits(s, state_template, model_name)
+      if model_config is not None:
+        self._check_model_config(s, model_config)
       restored = self.manager.restore(s, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_like(state_template, sharding)),
           meta=ocp.args.JsonRestore()))
@@ -160,6 +164,13 @@ class Checkpoints:
       return self.meta(step)["config"]["model"]["arch"]
     except Exception:  # noqa: BLE001 - a converted or damaged checkpoint may not say
       return "unknown"
+
+  def _check_model_config(self, step: int, model_config: Dict[str, Any]) -> None:
+    saved = self.meta(step).get("config", {}).get("model")
+    if saved is not None and saved != model_config:
+      differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+      raise CheckpointError(f"{self.directory} holds checkpoints of another model configuration "
+                            f"(model.{', model.'.join(differ)} differ); use a new --workdir")
 
   def _check_fits(self, step: int, template: Any, model_name: str) -> None:
     """One clear line, before any restore, when the checkpoint was saved by another model: any

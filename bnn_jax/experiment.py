@@ -55,18 +55,22 @@ class Experiment:
       schedule_config.lr = self.config.optimizer.lr
     return make_lr_schedule(schedule_config, steps_per_epoch, total_steps)
 
-  def make_optimizer(self, steps_per_epoch: int, total_steps: int):
-    """(tx, lr schedule) for this run's length."""
-    lr = self.lr_schedule(steps_per_epoch, total_steps)
-    template = self.variables_template()
-    tx = make_optimizer(self.config.optimizer, lr, template["params"], template["batch_stats"])
-    return tx, lr
-
-  def make_ede(self, steps_per_epoch: int, epochs: int):
+  def schedules(self, steps_per_epoch: int, total_steps: int) -> step.Schedules:
+    """The learning rate and, where ``ede.enabled``, EDE over a run of this length."""
     ede = self.config.ede
-    if not ede.enabled:
-      return None
-    return ede_schedule(ede.epochs or epochs, steps_per_epoch, ede.t_min, ede.t_max)
+    return step.Schedules(
+        self.lr_schedule(steps_per_epoch, total_steps),
+        ede_schedule(ede.epochs or total_steps / steps_per_epoch, steps_per_epoch, ede.t_min,
+                     ede.t_max) if ede.enabled else None)
+
+  def make_optimizer(self, steps_per_epoch: int, total_steps: int
+                     ) -> Tuple[optax.GradientTransformation, step.Schedules]:
+    """(tx, the run's schedules) for a run of this length; tx follows ``schedules.lr``."""
+    schedules = self.schedules(steps_per_epoch, total_steps)
+    template = self.variables_template()
+    tx = make_optimizer(self.config.optimizer, schedules.lr, template["params"],
+                        template["batch_stats"])
+    return tx, schedules
 
   @property
   def objective(self) -> step.Objective:
@@ -103,11 +107,12 @@ class Experiment:
               "model": teacher.model.to_dict(), "batchnorm": teacher.batchnorm}
     return model, variables, record
 
-  def make_train_step(self, tx: optax.GradientTransformation, lr_schedule, ede=None, teacher=None):
+  def make_train_step(self, tx: optax.GradientTransformation, schedules: step.Schedules,
+                      teacher=None):
     """The jitted train step of this config's objective, in its parallel mode."""
     mode = self.config.get("parallel", {}).get("mode", "sharded")
     train_step = step.make_train_step(
-        self.model, tx, lr_schedule, ede, self.objective, teacher,
+        self.model, tx, schedules, self.objective, teacher,
         axis_name=parallel.DATA_AXIS if mode == "per_device" else None,
         teacher_batchnorm=self.config.teacher.batchnorm)
     return parallel.jit_train_step(train_step, self.mesh, mode)
@@ -123,12 +128,11 @@ class Experiment:
                source: Optional[data.Source] = None) -> Dict[str, float]:
     """Loss, top-1 and top-5 over every example of the eval split (padding masked out)."""
     eval_step = eval_step or parallel.jit_eval_step(step.make_eval_step(self.model), self.mesh)
-    local_batch = parallel.check_batch_size(self.eval_batch_size, "eval batch size")
+    local_batch = parallel.local_batch_size(self.eval_batch_size, "eval batch size")
     source = source or self.source(self.config.dataset.eval_split)
     batches = data.eval_batches(source, self.config.dataset, local_batch, jax.process_count())
-    sums = jax.device_put(step.zero_metrics(step.EVAL_SUMS), parallel.replicated(self.mesh))
+    sums = jax.device_put(step.zero_sums(), parallel.replicated(self.mesh))
     for batch in parallel.prefetch_to_devices(batches, self.mesh):
       sums = eval_step(state, batch, sums)
-    fetched = {k: float(v) for k, v in jax.device_get(sums).items()}
-    return step.summarize(fetched) | {"num_examples": int(fetched["count"])}
+    return step.summarize(sums) | {"num_examples": int(jax.device_get(sums["count"]))}
 

@@ -48,7 +48,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, what: str = "global batch size") -> int:
+def local_batch_size(global_batch: int, what: str = "global batch size") -> int:
   """The per-process batch; a clear error when ``global_batch`` does not split over the devices."""
   devices = jax.device_count()
   if global_batch < 1:
@@ -69,8 +69,8 @@ MODES = ("sharded", "per_device")
 
 
 def jit_train_step(train_step, mesh: Mesh, mode: str = "sharded"):
-  """(state, batch, metrics, teacher_variables) -> (state, metrics); state and metrics donated,
-  the teacher replicated like the state.
+  """(state, batch, sums, teacher_variables) -> (state, sums, scheduled values); state and sums
+  donated, the teacher replicated like the state.
 
   ``sharded``: one program over the global batch (BatchNorm statistics of the global batch).
   ``per_device``: ``train_step`` must be made with ``axis_name=DATA_AXIS``; it runs on each
@@ -83,8 +83,8 @@ def jit_train_step(train_step, mesh: Mesh, mode: str = "sharded"):
     # check_vma=False: the step itself averages (pmean) gradients and statistics and sums
     # (psum) metrics; with the check on, JAX would also sum the gradients of replicated inputs.
     train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P()),
-                               out_specs=(P(), P()), check_vma=False)
-  return jax.jit(train_step, in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep),
+                               out_specs=(P(), P(), P()), check_vma=False)
+  return jax.jit(train_step, in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep, rep),
                  donate_argnums=(0, 2))
 
 

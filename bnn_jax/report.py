@@ -17,9 +17,16 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+# What every train summary has besides the values of the step's schedules.
+TRAIN_MEANS = ("loss", "top1", "top5", "images_per_s")
+
+
 class Reporter:
-  def __init__(self, workdir: str, progress: bool = True):
+  """Process 0's view of a run of ``epochs`` epochs of ``steps_per_epoch`` steps."""
+
+  def __init__(self, workdir: str, steps_per_epoch: int, epochs: int, progress: bool = True):
     self.workdir = workdir
+    self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
     self.progress = progress and is_writer()
     self.bar = None
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -37,15 +44,16 @@ class Reporter:
     else:
       print(message, flush=True)
 
-  def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
-    if self.progress:
+  def advance(self, step: int) -> None:
+    """Step ``step`` is done: moves the epoch's progress bar (opened at the epoch's first step)."""
+    if not self.progress:
+      return
+    if self.bar is None:
       from tqdm import tqdm
-      self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                      dynamic_ncols=True, leave=False, file=sys.stdout)
-
-  def advance(self, steps: int = 1) -> None:
-    if self.bar is not None:
-      self.bar.update(steps)
+      epoch, done = divmod(step - 1, self.steps_per_epoch)
+      self.bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}",
+                      unit="step", dynamic_ncols=True, leave=False, file=sys.stdout)
+    self.bar.update(1)
 
   def show(self, **values) -> None:
     if self.bar is not None:
@@ -55,6 +63,19 @@ class Reporter:
     if self.bar is not None:
       self.bar.close()
       self.bar = None
+
+  def epoch_line(self, step: int, train: Dict[str, float], evaluation: Optional[Dict[str, float]],
+                 images_per_s: float) -> None:
+    """One line per epoch: train loss and top-1, every scheduled value by name, the evaluation
+    when there was one, the epoch's training throughput."""
+    scheduled = "".join(f" {name} {value:.3g}" for name, value in train.items()
+                        if name not in TRAIN_MEANS)
+    line = (f"epoch {step / self.steps_per_epoch:.4g}/{self.epochs} step {step}: train loss "
+            f"{train['loss']:.4f} top-1 {train['top1']:.2%}{scheduled}")
+    if evaluation:
+      line += (f" | eval loss {evaluation['loss']:.4f} top-1 {evaluation['top1']:.2%} "
+               f"top-5 {evaluation['top5']:.2%}")
+    self.log(f"{line} | {images_per_s:.0f} img/s")
 
   def scalars(self, step: int, prefix: str, values: Dict[str, float]) -> None:
     """TensorBoard scalars and one line of metrics.jsonl."""
@@ -80,7 +101,8 @@ class Reporter:
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
   def plot(self, filename: str = "curves.png") -> Optional[str]:
-    """Loss, accuracy, learning rate and EDE k/t against step, as a PNG in the workdir."""
+    """Loss, accuracy, learning rate and the other scheduled values (EDE's k and t) against step,
+    as a PNG in the workdir."""
     records = self.history()
     if not is_writer() or not records:
       return None
@@ -92,18 +114,19 @@ class Reporter:
       rows = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
       return [s for s, _ in rows], [v for _, v in rows]
 
+    others = sorted({key for r in records if r["split"] == "train" for key in r}
+                    - set(TRAIN_MEANS) - {"step", "split", "lr"})
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for split in ("train", "eval"):
       axes[0].plot(*series(split, "loss"), label=split, marker="o" if split == "eval" else None)
       axes[1].plot(*series(split, "top1"), label=f"{split} top-1", marker="o" if split == "eval" else None)
     axes[2].plot(*series("train", "lr"))
-    if series("train", "ede_k")[0]:
-      axes[3].plot(*series("train", "ede_k"), label="k")
-      axes[3].plot(*series("train", "ede_t"), label="t")
-    else:
-      axes[3].text(0.5, 0.5, "no EDE in this method", ha="center", va="center",
+    for key in others:
+      axes[3].plot(*series("train", key), label=key)
+    if not others:
+      axes[3].text(0.5, 0.5, "nothing else scheduled", ha="center", va="center",
                    transform=axes[3].transAxes)
-    for ax, title in zip(axes, ("loss", "accuracy", "learning rate", "EDE k, t")):
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate", "other scheduled values")):
       ax.set_title(title)
       ax.set_xlabel("step")
       ax.grid(alpha=0.3)

@@ -3,7 +3,9 @@
 Metrics are summed on device into an accumulator that the loop fetches every
 few steps, so no step waits on the host. The train step's ``loss`` metric is
 the whole objective (CE and, with a teacher, KD and attention transfer); the
-eval step's is cross-entropy.
+eval step's is cross-entropy. The train step also returns the values its
+schedules took (learning rate, EDE's k and t, …) by name, for the loop to report
+without knowing what they are.
 """
 from __future__ import annotations
 
@@ -40,12 +42,27 @@ def init_state(model, tx: optax.GradientTransformation, rng: jax.Array, input_sh
                     tx.init(params))
 
 
-EVAL_SUMS = ("loss_sum", "top1_sum", "top5_sum", "count")
-TRAIN_METRICS = EVAL_SUMS + ("lr", "ede_k", "ede_t")
+SUMS = ("loss_sum", "top1_sum", "top5_sum", "count")
 
 
-def zero_metrics(names=TRAIN_METRICS) -> Metrics:
-  return {name: jnp.zeros((), jnp.result_type(float)) for name in names}
+def zero_sums() -> Metrics:
+  """The empty accumulator of the train and eval steps' sums."""
+  return {name: jnp.zeros((), jnp.result_type(float)) for name in SUMS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+  """What changes with the step: the learning rate and, for IR-Net, EDE (None: its initial value)."""
+  lr: optax.Schedule
+  ede: Optional[Callable[[jax.Array], EDE]] = None
+
+  def at(self, step: jax.Array) -> Tuple[EDE, Metrics]:
+    """(the EDE value the model uses at ``step``, every scheduled value by its reported name)."""
+    values = {"lr": self.lr(step)}
+    if self.ede is None:
+      return EDE.initial(), values
+    ede = self.ede(step)
+    return ede, values | {"ede_k": ede.k, "ede_t": ede.t}
 
 
 def _batch_metrics(logits, labels, loss_per_example, mask) -> Metrics:
@@ -117,11 +134,11 @@ class Objective:
 TEACHER_BATCHNORM = ("running", "batch")
 
 
-def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
-                    ede_schedule: Optional[Callable] = None, objective: Objective = Objective(),
-                    teacher=None, axis_name: Optional[str] = None,
-                    teacher_batchnorm: str = "running"):
-  """(state, batch, metrics, teacher_variables) -> (state, metrics): one step on {'image', 'label'}.
+def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedules,
+                    objective: Objective = Objective(), teacher=None,
+                    axis_name: Optional[str] = None, teacher_batchnorm: str = "running"):
+  """(state, batch, sums, teacher_variables) -> (state, sums, scheduled values): one step on
+  {'image', 'label'}; the values (:meth:`Schedules.at`) are those this step used.
 
   ``teacher`` (a model) runs on the same images, under stop_gradient, inside this step; its
   variables are an argument (``{}`` without a teacher), never in the state, never updated.
@@ -139,8 +156,8 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
   teacher_train = teacher_batchnorm == "batch"
   mutable = ["batch_stats", BLOCK_OUTPUTS] if objective.at else ["batch_stats"]
 
-  def train_step(state: TrainState, batch, metrics: Metrics, teacher_variables):
-    ede = ede_schedule(state.step) if ede_schedule else EDE.initial()
+  def train_step(state: TrainState, batch, sums: Metrics, teacher_variables):
+    ede, scheduled = schedules.at(state.step)
     images, labels = batch["image"], batch["label"]
     teacher_logits = teacher_blocks = None
     if objective.needs_teacher:
@@ -165,9 +182,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
-    metrics = {name: metrics[name] + batch_metrics[name] for name in batch_metrics} | {
-        "lr": lr_schedule(state.step), "ede_k": ede.k, "ede_t": ede.t}
-    return new_state, metrics
+    return new_state, _add(sums, batch_metrics), scheduled
 
   return train_step
 
@@ -179,15 +194,19 @@ def make_eval_step(model):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          batch["image"], train=False)
     per_example = cross_entropy(logits, batch["label"])
-    batch_metrics = _batch_metrics(logits, batch["label"], per_example, batch["mask"])
-    return {name: sums[name] + batch_metrics[name] for name in batch_metrics}
+    return _add(sums, _batch_metrics(logits, batch["label"], per_example, batch["mask"]))
 
   return eval_step
 
 
-def summarize(metrics: Dict[str, float]) -> Dict[str, float]:
-  """Host-side means from fetched sums: loss, top1, top5 (fractions), plus lr / EDE when present."""
-  count = max(metrics["count"], 1.0)
-  summary = {"loss": metrics["loss_sum"] / count, "top1": metrics["top1_sum"] / count,
-             "top5": metrics["top5_sum"] / count}
-  return summary | {k: metrics[k] for k in ("lr", "ede_k", "ede_t") if k in metrics}
+def _add(sums: Metrics, batch_metrics: Metrics) -> Metrics:
+  return {name: sums[name] + batch_metrics[name] for name in SUMS}
+
+
+def summarize(sums: Metrics) -> Dict[str, float]:
+  """Host-side means of (device) sums: loss, top1, top5 (fractions) over ``count`` examples.
+  The only host transfer of the metrics: call it every few steps, not every step."""
+  fetched = {name: float(value) for name, value in jax.device_get(sums).items()}
+  count = max(fetched["count"], 1.0)
+  return {"loss": fetched["loss_sum"] / count, "top1": fetched["top1_sum"] / count,
+          "top5": fetched["top5_sum"] / count}

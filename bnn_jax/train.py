@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import time
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,9 @@ from bnn_jax.models import load_transform
 from bnn_jax.report import Reporter
 from bnn_jax.workdir import claim
 
+
 class NonFiniteLoss(RuntimeError):
-  pass
+  """The loss or the parameters became NaN/Inf; the last good checkpoint is kept."""
 
 
 @jax.jit
@@ -59,7 +61,7 @@ def _load_from(experiment: Experiment, state: step.TrainState, path: str, report
     raise CheckpointError(f"train.load_from {path} holds another model ({saved_model.get('arch')}) "
                           f"than this config's ({model.arch})")
   params, restored, fresh, unused = partial_load(state.params, saved["params"])
-  if experiment.config.train.load_transform:  # e.g. HCEBNN's expansion: expert 0 into every expert
+  if experiment.config.train.load_transform:  # a registered change of the loaded parameters
     params = load_transform(experiment.config.train.load_transform)(params)
   batch_stats, restored_bs, fresh_bs, unused_bs = partial_load(state.batch_stats,
                                                                 saved.get("batch_stats", {}))
@@ -69,9 +71,71 @@ def _load_from(experiment: Experiment, state: step.TrainState, path: str, report
   return state.replace(params=params, batch_stats=batch_stats)
 
 
+def itstime(step: int, every: int, last: int) -> bool:
+  """Whether a periodic action (log, evaluate, checkpoint) is due after ``step``: every
+  ``every`` steps, and at the run's last step."""
+  return step == last or (every > 0 and step % every == 0)
+
+
+class Throughput:
+  """Training images per second, over each log window (``lap``) and since the last ``restart``
+  (an epoch); restarted after evaluations and checkpoints, which are not training."""
+
+  def __init__(self, batch_size: int, step: int):
+    self.batch_size = batch_size
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.start = self.lap_start = (step, time.perf_counter())
+
+  def _rate(self, since, step: int, now: float) -> float:
+    return (step - since[0]) * self.batch_size / max(now - since[1], 1e-9)
+
+  def lap(self, step: int) -> float:
+    """Since the last lap (call after a fetch, when the device has finished ``step``)."""
+    now = time.perf_counter()
+    rate, self.lap_start = self._rate(self.lap_start, step, now), (step, now)
+    return rate
+
+  def since_restart(self) -> float:
+    """From the restart to the last lap."""
+    return self._rate(self.start, *self.lap_start)
+
+
+def restore_or_init(experiment: Experiment, tx, checkpoints: Checkpoints, reporter: Reporter
+                    ) -> Tuple[step.TrainState, dict]:
+  """The run's state and best evaluation so far: resumed from the workdir's newest checkpoint
+  that restores (damaged later ones set aside), else fresh, from ``train.load_from`` if set."""
+  config = experiment.config
+  state = experiment.init_state(tx)
+  best = {"top1": -1.0, "step": None}
+  if checkpoints.steps():
+    state, meta = checkpoints.restore(state, parallel.replicated(experiment.mesh),
+                                      model_name=f"the config's ({config.model.arch})",
+                                      model_config=_config_json(config)["model"])
+    moved = checkpoints.set_aside_skipped()
+    reporter.log(f"resuming from step {int(state.step)} in {checkpoints.directory}"
+                 + (f"; damaged later steps set aside, not deleted: {moved}" if moved else ""))
+    return state, meta.get("best", best)
+  if config.train.load_from:
+    state = _load_from(experiment, state, config.train.load_from, reporter)
+  return state, best
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains as ``config`` says, checkpointing into ``workdir`` (locked for the run: see
-  :mod:`bnn_jax.workdir`); returns the final eval metrics."""
+  """Trains as ``config`` says in ``workdir``, resuming from its latest checkpoint.
+
+  Args:
+    config: a whole config: :func:`bnn_jax.config.default_config` with a recipe's changes.
+    workdir: where checkpoints, ``config.json``, ``metrics.jsonl``, TensorBoard events and
+      ``curves.png`` go; locked for the run (:mod:`bnn_jax.workdir`).
+  Returns:
+    The last evaluation's ``loss``, ``top1``, ``top5`` and ``num_examples``; ``{}`` when SIGTERM
+    stopped the run before any evaluation.
+  Raises:
+    ConfigError: a bad config value, or a checkpoint of another model (CheckpointError).
+    NonFiniteLoss: the loss or the parameters became NaN/Inf (the last good checkpoint is kept).
+  """
   with claim(workdir) as lock:
     if lock is not None and lock.took_over:
       print(f"{workdir}: took over the lock of a run that is gone (pid {lock.took_over.get('pid')} "
@@ -80,134 +144,109 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str) -> dict:
-  reporter = Reporter(workdir, config.train.progress)
   experiment = Experiment.from_config(config)
-  mesh = experiment.mesh
-  local_batch = parallel.check_batch_size(config.train.batch_size)
-  parallel.check_batch_size(experiment.eval_batch_size, "eval batch size")
+  mesh, batch_size = experiment.mesh, config.train.batch_size
+  local_batch = parallel.local_batch_size(batch_size)
+  parallel.local_batch_size(experiment.eval_batch_size, "eval batch size")
   train_source = experiment.source(config.dataset.train_split)
   eval_source = experiment.source(config.dataset.eval_split)
-  steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.train.batch_size,
-                                         config.train.drop_last)
+  steps_per_epoch = data.steps_per_epoch(train_source.num_examples, batch_size, config.train.drop_last)
   total_steps = config.train.epochs * steps_per_epoch
   last_step = min(total_steps, config.train.max_steps or total_steps)
+  reporter = Reporter(workdir, steps_per_epoch, config.train.epochs, config.train.progress)
 
-  tx, lr_schedule = experiment.make_optimizer(steps_per_epoch, total_steps)
-  ede = experiment.make_ede(steps_per_epoch, config.train.epochs)
+  tx, schedules = experiment.make_optimizer(steps_per_epoch, total_steps)
   teacher, teacher_variables, teacher_record = experiment.load_teacher()
   if teacher is not None:
     reporter.log(f"teacher: {config.teacher.model.arch} from {teacher_record['checkpoint']} "
                  f"(step {teacher_record['step']}), BatchNorm on {config.teacher.batchnorm} "
                  "statistics, inside the train step")
-  train_step = experiment.make_train_step(tx, lr_schedule, ede, teacher)
+  train_step = experiment.make_train_step(tx, schedules, teacher)
   eval_step = parallel.jit_eval_step(step.make_eval_step(experiment.model), mesh)
-  state = experiment.init_state(tx)
-
   checkpoints = Checkpoints(workdir, config.train.max_to_keep)
-  best = {"top1": -1.0, "step": None}
-  if checkpoints.steps():
-    state, meta = checkpoints.restore(state, parallel.replicated(mesh),
-                                      model_name=f"the config's ({config.model.arch})")
-    saved_model = meta.get("config", {}).get("model")
-    if saved_model is not None and saved_model != _config_json(config)["model"]:
-      raise CheckpointError(f"{workdir} holds checkpoints of a different model "
-                            f"({saved_model.get('arch')} vs {config.model.arch}); use a new --workdir")
-    best = meta.get("best", best)
-    moved = checkpoints.set_aside_skipped()
-    reporter.log(f"resuming from step {int(state.step)} in {checkpoints.directory}"
-                 + (f"; damaged later steps set aside, not deleted: {moved}" if moved else ""))
-  elif config.train.load_from:
-    state = _load_from(experiment, state, config.train.load_from, reporter)
-  start_step = int(state.step)
-  reporter.truncate_history(start_step)
+  state, best = restore_or_init(experiment, tx, checkpoints, reporter)
+  first_step = int(state.step)
+  reporter.truncate_history(first_step)
   if jax.process_index() == 0:
     with open(f"{workdir}/config.json", "w") as f:
       json.dump(_config_json(config), f, indent=1)
-
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   reporter.log(f"{config.model.arch}: {n_params:,} parameters | {config.dataset.name}: "
                f"{train_source.num_examples} train images, {steps_per_epoch} steps/epoch of "
-               f"{config.train.batch_size} | {jax.device_count()} {jax.devices()[0].platform} device(s) "
+               f"{batch_size} | {jax.device_count()} {jax.devices()[0].platform} device(s) "
                f"in {jax.process_count()} process(es), {config.parallel.mode}")
 
-  def save(current_step: int) -> None:
+  def save(at_step: int) -> None:
     if not bool(all_finite((state.params, state.batch_stats))):  # never a non-finite "last good"
-      raise NonFiniteLoss(f"parameters became non-finite by step {current_step}; not saved. The last "
+      raise NonFiniteLoss(f"parameters became non-finite by step {at_step}; not saved. The last "
                           f"good checkpoint (step {checkpoints.latest_step()}) is intact in "
                           f"{checkpoints.directory}")
-    checkpoints.save(current_step, state, {
-        "config": _config_json(config), "step": current_step,
-        "epoch": current_step / steps_per_epoch, "best": best, "teacher": teacher_record})
+    checkpoints.save(at_step, state, {
+        "config": _config_json(config), "step": at_step, "epoch": at_step / steps_per_epoch,
+        "best": best, "teacher": teacher_record})
 
+  zero_sums = lambda: jax.device_put(step.zero_sums(), parallel.replicated(mesh))  # noqa: E731
   preemption = _Preemption()
   batches = parallel.prefetch_to_devices(
       data.train_batches(train_source, config.dataset, local_batch, config.train.seed,
-                         steps_per_epoch, start_step), mesh)
-  zero = lambda: jax.device_put(step.zero_metrics(), parallel.replicated(mesh))  # noqa: E731
-  metrics, eval_metrics = zero(), {}
-  current = start_step
-  if current >= last_step:  # rerun of a finished run (e.g. a recipe stage): report, train nothing
-    reporter.log(f"{workdir} already finished at step {current}; evaluating its last checkpoint")
+                         steps_per_epoch, first_step), mesh)
+  throughput = Throughput(batch_size, first_step)
+  sums, train_summary, eval_metrics = zero_sums(), {}, {}
+  if first_step >= last_step:  # rerun of a finished run (e.g. a recipe stage): report, train nothing
+    reporter.log(f"{workdir} already finished at step {first_step}; evaluating its last checkpoint")
     eval_metrics = experiment.evaluate(state, eval_step, eval_source)
-  while current < last_step:
-    epoch = current // steps_per_epoch
-    epoch_end = min((epoch + 1) * steps_per_epoch, last_step)
-    reporter.start_epoch(epoch, config.train.epochs, steps_per_epoch, current - epoch * steps_per_epoch)
-    epoch_start, epoch_time = current, time.perf_counter()
-    window_start, window_time = epoch_start, epoch_time
-    while current < epoch_end:
-      state, metrics = train_step(state, next(batches), metrics, teacher_variables)
-      current += 1
-      reporter.advance()
-      if current % config.train.log_every == 0 or current == epoch_end:
-        fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        summary = step.summarize(fetched)
-        if not ede:
-          del summary["ede_k"], summary["ede_t"]
-        if not math.isfinite(summary["loss"]):
-          raise NonFiniteLoss(f"loss became {summary['loss']} by step {current}; stopping. The last "
-                              f"good checkpoint (step {checkpoints.latest_step()}) is intact in "
-                              f"{checkpoints.directory}")
-        now = time.perf_counter()
-        summary["images_per_s"] = (current - window_start) * config.train.batch_size / (now - window_time)
-        window_start, window_time = current, now
-        reporter.scalars(current, "train", summary)
-        reporter.show(loss=summary["loss"], top1=summary["top1"], img_s=summary["images_per_s"])
-        metrics = zero()
-      if preemption.requested:
-        reporter.end_epoch()
-        save(current)
-        reporter.log(f"SIGTERM: saved step {current} to {checkpoints.directory}; rerun the same "
-                     "command to resume")
-        return eval_metrics
+  for current in range(first_step + 1, last_step + 1):
+    state, sums, scheduled = train_step(state, next(batches), sums, teacher_variables)
+    reporter.advance(current)
+    epoch_done = itstime(current, steps_per_epoch, last_step)
+
+    if itstime(current, config.train.log_every, last_step) or epoch_done:
+      train_summary = step.summarize(sums) | _fetch(scheduled)
+      if not math.isfinite(train_summary["loss"]):
+        raise NonFiniteLoss(f"loss became {train_summary['loss']} by step {current}; stopping. The "
+                            f"last good checkpoint (step {checkpoints.latest_step()}) is intact in "
+                            f"{checkpoints.directory}")
+      train_summary["images_per_s"] = throughput.lap(current)
+      reporter.scalars(current, "train", train_summary)
+      reporter.show(loss=train_summary["loss"], top1=train_summary["top1"],
+                    img_s=train_summary["images_per_s"])
+      sums = zero_sums()
+
+    if preemption.requested:
+      reporter.end_epoch()
+      save(current)
+      reporter.log(f"SIGTERM: saved step {current} to {checkpoints.directory}; rerun the same "
+                   "command to resume")
+      break
+    if not epoch_done:
+      continue
+
     reporter.end_epoch()
-    epoch_images_per_s = (current - epoch_start) * config.train.batch_size / (window_time - epoch_time)
-    finished = current == last_step
-    evaluated = finished or (epoch + 1) % config.train.eval_every_epochs == 0
+    evaluated = itstime(current, config.train.eval_every_epochs * steps_per_epoch, last_step)
     if evaluated:
       eval_metrics = experiment.evaluate(state, eval_step, eval_source)
       reporter.scalars(current, "eval", eval_metrics)
       if eval_metrics["top1"] > best["top1"]:
         best = {"top1": eval_metrics["top1"], "step": current}
-    if finished or (epoch + 1) % config.train.checkpoint_every_epochs == 0:
+    if itstime(current, config.train.checkpoint_every_epochs * steps_per_epoch, last_step):
       save(current)
-    reporter.log(
-        f"epoch {current / steps_per_epoch:.4g}/{config.train.epochs} step {current}: "
-        f"train loss {summary['loss']:.4f} "
-        f"top-1 {summary['top1']:.2%} lr {summary['lr']:.3g}"
-        + (f" | EDE k {summary['ede_k']:.3g} t {summary['ede_t']:.3g}" if ede else "")
-        + (f" | eval loss {eval_metrics['loss']:.4f} top-1 {eval_metrics['top1']:.2%} "
-           f"top-5 {eval_metrics['top5']:.2%}" if evaluated else "")
-        + f" | {epoch_images_per_s:.0f} img/s")
-  if config.train.plot:
-    path = reporter.plot()
-    if path:
-      reporter.log(f"curves: {path}")
+    reporter.epoch_line(current, train_summary, eval_metrics if evaluated else None,
+                        throughput.since_restart())
+    throughput.restart(current)
+
+  if preemption.requested:
+    return eval_metrics
+  if config.train.plot and (path := reporter.plot()):
+    reporter.log(f"curves: {path}")
   if eval_metrics:
     reporter.log(f"final: eval top-1 {eval_metrics['top1']:.2%}, top-5 {eval_metrics['top5']:.2%}, "
                  f"loss {eval_metrics['loss']:.4f} on {eval_metrics['num_examples']} images "
                  f"(best top-1 {best['top1']:.2%} at step {best['step']})")
   return eval_metrics
+
+
+def _fetch(values: dict) -> dict:
+  return {name: float(value) for name, value in jax.device_get(values).items()}
 
 
 def main():

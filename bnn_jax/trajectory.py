@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from bnn_jax import step
+from bnn_jax.binarize import EDE
 from bnn_jax.config import default_config
 from bnn_jax.convert import by_torch_key, model_config_from_original, torch_to_flax, with_prefix
 from bnn_jax.errors import ConfigError
@@ -190,21 +191,22 @@ def check_trajectory(npz_path: str) -> TrajectoryReport:
     template = experiment.variables_template()
     variables = _float64(torch_to_flax(with_prefix(fixture, "state_dict/"), template))
     iters, steps = recipe["iters_per_epoch"], len(images)
-    tx, lr = experiment.make_optimizer(iters, config.train.epochs * iters)
+    tx, schedules = experiment.make_optimizer(iters, config.train.epochs * iters)
     teacher, teacher_variables = _teacher(experiment, fixture)
-    train_step = experiment.make_train_step(tx, lr, experiment.make_ede(iters, config.train.epochs),
-                                            teacher)
+    train_step = experiment.make_train_step(tx, schedules, teacher)
     state = step.TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
                             tx.init(variables["params"]))
     batches = [{"image": images[index], "label": np.asarray(fixture["labels"][index], np.int32)}
                for index in range(steps)]
     # A dozen steps of a tiny model: compiling fast matters, optimised machine code does not.
-    train_step = train_step.lower(state, batches[0], step.zero_metrics(), teacher_variables).compile(
+    train_step = train_step.lower(state, batches[0], step.zero_sums(), teacher_variables).compile(
         run_once_compiler_options())
+    # Without an EDE schedule the model runs at EDE's initial values, as the original's fixtures say.
+    initial = {"ede_k": float(EDE.initial().k), "ede_t": float(EDE.initial().t)}
     recorded = []
     for batch in batches:
-      state, metrics = train_step(state, batch, step.zero_metrics(), teacher_variables)
-      recorded.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+      state, sums, scheduled = train_step(state, batch, step.zero_sums(), teacher_variables)
+      recorded.append(initial | {k: float(v) for k, v in jax.device_get(sums | scheduled).items()})
     ours = _by_torch_key({"params": state.params, "batch_stats": state.batch_stats})
   reference = _by_torch_key(torch_to_flax(with_prefix(fixture, "final_state_dict/"), template))
   schedule_error = max(relative_error([m[name] for m in recorded], fixture[key])

@@ -50,13 +50,12 @@ def time_model(config, steps, warmup):
   """Compile and median seconds of the jitted train and eval steps of ``config`` on synthetic
   batches of ``config.train.batch_size``."""
   experiment = Experiment.from_config(config)
-  tx, lr = experiment.make_optimizer(steps_per_epoch=1000, total_steps=100_000)
+  tx, schedules = experiment.make_optimizer(steps_per_epoch=1000, total_steps=100_000)
   teacher, teacher_variables = None, {}
   if experiment.objective.needs_teacher:  # random weights: the cost, not the result, matters
     teacher = build_model(config.teacher.model)
     teacher_variables = init_variables(teacher, experiment.input_shape, seed=1)
-  train_step = experiment.make_train_step(tx, lr, experiment.make_ede(1000, config.train.epochs),
-                                          teacher)
+  train_step = experiment.make_train_step(tx, schedules, teacher)
   eval_step = parallel.jit_eval_step(step.make_eval_step(experiment.model), experiment.mesh)
   batch_size = config.train.batch_size
   synthetic = data.synthetic_batches(batch_size, config.dataset.image_size, len(config.dataset.mean),
@@ -64,14 +63,14 @@ def time_model(config, steps, warmup):
   batches = [parallel.to_global(dict(next(synthetic), mask=np.ones(batch_size, np.float32)),
                                 experiment.mesh) for _ in range(2)]
   rep = parallel.replicated(experiment.mesh)
-  carry = {"state": experiment.init_state(tx), "metrics": jax.device_put(step.zero_metrics(), rep)}
+  carry = {"state": experiment.init_state(tx), "train_sums": jax.device_put(step.zero_sums(), rep),
+           "sums": jax.device_put(step.zero_sums(), rep)}
 
   def train(index):
-    carry["state"], carry["metrics"] = train_step(carry["state"], batches[index % 2],
-                                                  carry["metrics"], teacher_variables)
-    jax.block_until_ready(carry["metrics"])
+    carry["state"], carry["train_sums"], _ = train_step(carry["state"], batches[index % 2],
+                                                        carry["train_sums"], teacher_variables)
+    jax.block_until_ready(carry["train_sums"])
 
-  carry["sums"] = jax.device_put(step.zero_metrics(step.EVAL_SUMS), rep)
 
   def evaluate(index):
     carry["sums"] = eval_step(carry["state"], batches[index % 2], carry["sums"])

@@ -45,14 +45,14 @@ def initial_state(experiment, tx):
 
 
 def one_step(experiment, batch):
-  tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
+  tx, schedules = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   state = initial_state(experiment, tx)
   before = jax.device_get(state.params)
-  train_step = experiment.make_train_step(tx, lr)
-  metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
-  state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics, {})
+  train_step = experiment.make_train_step(tx, schedules)
+  sums = jax.device_put(step.zero_sums(), parallel.replicated(experiment.mesh))
+  state, sums, _ = train_step(state, parallel.to_global(batch, experiment.mesh), sums, {})
   grads = jax.tree_util.tree_map(lambda b, a: b - a, before, jax.device_get(state.params))
-  return before, grads, jax.device_get(state.batch_stats), float(metrics["loss_sum"])
+  return before, grads, jax.device_get(state.batch_stats), float(sums["loss_sum"])
 
 
 def max_relative_difference(a, b):
@@ -116,7 +116,7 @@ def main():
                      "groups_of_2_vs_per_device": max_relative_difference(grads_g2, grads_pd),
                      "groups_of_2_vs_per_device_stats": max_relative_difference(stats_g2, stats_pd)}
   try:
-    parallel.check_batch_size(12)
+    parallel.local_batch_size(12)
     result["indivisible_error"] = None
   except ConfigError as error:
     result["indivisible_error"] = str(error)

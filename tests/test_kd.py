@@ -64,10 +64,10 @@ def _kd_setup(recipe, teacher_batchnorm, loss):
   config.teacher.batchnorm = teacher_batchnorm
   config.loss.update(loss)
   experiment = Experiment.from_config(config)
-  tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
+  tx, schedules = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   teacher = build_model(config.teacher.model)
   teacher_variables = _teacher_variables(teacher)
-  train_step = compiled_fast(experiment.make_train_step(tx, lr, None, teacher))
+  train_step = compiled_fast(experiment.make_train_step(tx, schedules, teacher))
   return experiment, tx, train_step, teacher_variables
 
 
@@ -79,9 +79,9 @@ def _teacher_variables(teacher):
 
 def run_steps(experiment, tx, train_step, teacher_variables, batches):
   state = random_state(experiment, tx)
-  metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
+  sums = jax.device_put(step.zero_sums(), parallel.replicated(experiment.mesh))
   for batch in batches:
-    state, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics,
+    state, sums, _ = train_step(state, parallel.to_global(batch, experiment.mesh), sums,
                                 teacher_variables)
   return state
 
@@ -117,9 +117,9 @@ def test_teacher_batchnorm_mode_is_the_recipes(mode):
   on_batch, _ = jax.jit(lambda v, x: teacher.apply(v, x, train=True, mutable=["batch_stats"]))(
       teacher_variables, batch["image"])
   on_running = jax.jit(lambda v, x: teacher.apply(v, x, train=False))(teacher_variables, batch["image"])
-  metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
-  _, metrics = train_step(state, parallel.to_global(batch, experiment.mesh), metrics, teacher_variables)
-  loss = float(metrics["loss_sum"] / metrics["count"])
+  sums = jax.device_put(step.zero_sums(), parallel.replicated(experiment.mesh))
+  _, sums, _ = train_step(state, parallel.to_global(batch, experiment.mesh), sums, teacher_variables)
+  loss = float(sums["loss_sum"] / sums["count"])
   expected = {name: float(distribution_loss(student_logits, logits).mean())
               for name, logits in (("batch", on_batch), ("running", on_running))}
   assert loss == pytest.approx(expected[mode], rel=1e-5)

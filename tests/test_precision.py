@@ -110,15 +110,15 @@ def test_bfloat16_train_step_keeps_float32_state():
   config = shrink(load_config("birealnet_r18"))
   config.model.dtype = "bfloat16"
   experiment = Experiment.from_config(config)
-  tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
+  tx, schedules = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   state = random_state(experiment, tx)
-  train_step = compiled_fast(experiment.make_train_step(tx, lr))
+  train_step = compiled_fast(experiment.make_train_step(tx, schedules))
   batch = parallel.to_global(next(data.synthetic_batches(8, 32, 3, config.model.num_classes)),
                              experiment.mesh)
-  metrics = jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh))
+  sums = jax.device_put(step.zero_sums(), parallel.replicated(experiment.mesh))
   for _ in range(2):
-    state, metrics = train_step(state, batch, metrics, {})
-  assert np.isfinite(float(metrics["loss_sum"])) and int(state.step) == 2
+    state, sums, _ = train_step(state, batch, sums, {})
+  assert np.isfinite(float(sums["loss_sum"])) and int(state.step) == 2
   for tree in (state.params, state.batch_stats, state.opt_state):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(tree)
             if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}

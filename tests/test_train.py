@@ -12,7 +12,8 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import abstract_variables, build_model
-from bnn_jax.train import NonFiniteLoss, train_and_evaluate
+from bnn_jax.report import Reporter
+from bnn_jax.train import NonFiniteLoss, itstime, train_and_evaluate
 
 from helpers import (CONFIGS, compiled_fast, digits_config, load_config, random_state,
                      random_variables, shrink)
@@ -87,6 +88,31 @@ def test_checkpoint_of_another_model_is_refused(digits_run):
     train_and_evaluate(other, workdir)
 
 
+def test_checkpoint_of_another_model_configuration_with_the_same_shapes_is_refused(digits_run):
+  config, workdir, _ = digits_run
+  other = config.copy_and_resolve_references()
+  other.model.binarizers = ("ste_sign", "scaled_ste_sign")  # every tensor still fits
+  with pytest.raises(ConfigError, match=r"another model configuration \(model.binarizers differ\)"):
+    train_and_evaluate(other, workdir)
+
+
+def test_itstime_is_every_n_steps_and_the_last():
+  assert [s for s in range(1, 24) if itstime(s, 5, 23)] == [5, 10, 15, 20, 23]
+  assert [s for s in range(1, 24) if itstime(s, 0, 23)] == [23]
+
+
+def test_the_epoch_line_reports_whatever_the_step_schedules(tmp_path, capsys):
+  reporter = Reporter(str(tmp_path), steps_per_epoch=10, epochs=3, progress=False)
+  train = {"loss": 1.5, "top1": 0.25, "top5": 0.75, "images_per_s": 9.0, "lr": 0.01,
+           "my_temperature": 4.0}
+  reporter.epoch_line(20, train, None, 123.0)
+  reporter.epoch_line(30, train, {"loss": 1.25, "top1": 0.5, "top5": 0.875}, 99.0)
+  assert capsys.readouterr().out.splitlines() == [
+      "epoch 2/3 step 20: train loss 1.5000 top-1 25.00% lr 0.01 my_temperature 4 | 123 img/s",
+      "epoch 3/3 step 30: train loss 1.5000 top-1 25.00% lr 0.01 my_temperature 4 | eval loss "
+      "1.2500 top-1 50.00% top-5 87.50% | 99 img/s"]
+
+
 def test_eval_covers_every_example_once_when_batch_does_not_divide_split():
   config = digits_config()
   source = data.open_source(config.dataset, "test")
@@ -102,19 +128,20 @@ def test_eval_covers_every_example_once_when_batch_does_not_divide_split():
 def test_every_recipe_builds_and_takes_one_step(recipe):
   config = shrink(load_config(recipe))
   experiment = Experiment.from_config(config)
-  tx, lr = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
+  tx, schedules = experiment.make_optimizer(steps_per_epoch=10, total_steps=100)
   objective = experiment.objective
   teacher, teacher_variables = None, {}
   if objective.needs_teacher:  # a random teacher at reduced width
     teacher = build_model(config.teacher.model)
     teacher_variables = random_variables(abstract_variables(teacher, (1, 32, 32, 3)), seed=1)
-  train_step = experiment.make_train_step(tx, lr, experiment.make_ede(10, 10), teacher)
+  train_step = experiment.make_train_step(tx, schedules, teacher)
   state = random_state(experiment, tx)  # drawn on the host: one compile per recipe (the step)
   batch = next(data.synthetic_batches(8, 32, 3, config.model.num_classes))
-  state, metrics = compiled_fast(train_step)(  # the step runs once
+  state, sums, scheduled = compiled_fast(train_step)(  # the step runs once
       state, parallel.to_global(batch, experiment.mesh),
-      jax.device_put(step.zero_metrics(), parallel.replicated(experiment.mesh)), teacher_variables)
-  assert int(state.step) == 1 and np.isfinite(float(metrics["loss_sum"]))
+      jax.device_put(step.zero_sums(), parallel.replicated(experiment.mesh)), teacher_variables)
+  assert int(state.step) == 1 and np.isfinite(float(sums["loss_sum"]))
+  assert set(scheduled) == ({"lr", "ede_k", "ede_t"} if config.ede.enabled else {"lr"})
 
 
 @pytest.mark.parametrize("recipe", ["irnet_r18", "reactnet_a_step1", "real_to_binary_step2"])
