@@ -2,7 +2,8 @@
 
 Sections: ``model`` (see :func:`bnn_jax.models.build_model`; a ``None`` field
 means the backbone's default), ``dataset``, ``optimizer``, ``schedule``, ``ede``,
-``loss``, ``teacher``, ``parallel`` and ``train``. Every field exists here, so any of them can be set from
+``loss``, ``teacher``, ``parallel`` and ``train``. Durations other than the run's
+``train.epochs`` follow :mod:`bnn_jax.durations` (``warmup_steps`` or ``warmup_epochs``…). Every field exists here, so any of them can be set from
 the command line (``--config.train.epochs=5``) and a typo is an error. Fields
 that default to ``None`` are typed placeholders, so they can be set there too
 (``--config.dataset.path=DIR``, ``--config.model.strides='(1, 2, 2, 1)'``).
@@ -10,12 +11,14 @@ that default to ``None`` are typed placeholders, so they can be set there too
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import Optional
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from bnn_jax import durations
 from bnn_jax.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from bnn_jax.errors import ConfigError
 
@@ -23,10 +26,11 @@ from bnn_jax.errors import ConfigError
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
+def load_config(spec: str, workdirs: Optional[str] = None) -> ml_collections.ConfigDict:
   """The config of a file, as ``--config`` reads it: ``path.py`` or ``path.py:argument``.
 
-  A bare name (``irnet_r18``) means ``configs/irnet_r18.py``.
+  A bare name (``irnet_r18``) means ``configs/irnet_r18.py``. ``workdirs`` replaces
+  :data:`WORKDIRS` for recipes that name other runs (their ``get_config`` takes ``workdirs``).
   """
   path, _, argument = spec.partition(":")
   if not path.endswith(".py"):
@@ -38,13 +42,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
       "config_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(argument) if argument else module.get_config()
+  args = (argument,) if argument else ()
+  takes_workdirs = "workdirs" in inspect.signature(module.get_config).parameters
+  return module.get_config(*args, **({"workdirs": workdirs} if workdirs and takes_workdirs else {}))
 
 
-# Where the recipes expect their ImageNet teachers: the original's are mmclassification's
-# ResNet-18/34 checkpoints; torchvision's convert as well (README: "Teachers").
-TEACHER_RESNET18 = "workdirs/teachers/resnet18"
-TEACHER_RESNET34 = "workdirs/teachers/resnet34"
+# Where recipes look for the runs they start from or distil from (load_config's ``workdirs``).
+WORKDIRS = "workdirs"
+
+
+def teacher_dir(depth: int, workdirs: str = WORKDIRS) -> str:
+  """Where the recipes expect their real ResNet-``depth`` teacher: on ImageNet the original's
+  mmclassification checkpoints, converted (torchvision's convert as well; README: "Teachers")."""
+  return f"{workdirs}/teachers/resnet{depth}"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,9 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip=placeholder(float), b1=0.9, b2=0.999, eps=1e-8))
   c.schedule = ml_collections.ConfigDict(dict(
       name="constant", by_epoch=True, milestones=placeholder(tuple), gamma=0.1, power=1.0, min_lr=0.0,
-      warmup=placeholder(str), warmup_iters=0, warmup_ratio=0.1))
-  # IR-Net's Error Decay Estimator; epochs None = the whole run.
-  c.ede = ml_collections.ConfigDict(dict(enabled=False, epochs=placeholder(int), t_min=0.1, t_max=10.0))
+      warmup=placeholder(str), warmup_ratio=0.1, **durations.fields("warmup")))
+  # IR-Net's Error Decay Estimator over span_steps / span_epochs / span_fraction (None: the run).
+  c.ede = ml_collections.ConfigDict(dict(enabled=False, t_min=0.1, t_max=10.0,
+                                         **durations.fields("span")))
   # Per-example objective: ce_weight·CE + kd_weight·KD + at_weight·AT (only_kd drops CE).
   # attention_blocks: block names (e.g. "layer1.0") or stages ("layer2": its last block) to
   # compare; None = every block.

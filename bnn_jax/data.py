@@ -46,7 +46,9 @@ class DataError(ConfigError):
 SOURCES = ("digits", "cifar10", "cifar100", "imagenet2012", "image_folder")
 AUGMENTATIONS = ("imagenet", "imagenet_colorjitter", "cifar", "digits", "none")
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
+# Training examples of the TFDS data sets, known without opening them (the schedules of a recipe
+# on a data set that is not downloaded yet: bnn_jax.durations).
+TRAIN_EXAMPLES = {"imagenet2012": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 CIFAR_MEAN, CIFAR_STD = (125.307, 122.961, 113.8575), (51.5865, 50.847, 51.255)
 
@@ -163,6 +165,12 @@ def _builder_source(builder, split: str, process_index: int, process_count: int)
 
   return Source(make, num_examples=splits[split].num_examples,
                 process_examples=splits[shard].num_examples)
+
+
+def train_examples(config) -> int:
+  """How many examples the train split of the data set ``config`` names has."""
+  known = TRAIN_EXAMPLES.get(config.name) if config.train_split == "train" else None
+  return known or open_source(config, config.train_split).num_examples
 
 
 def open_source(config, split: str, process_index: int = 0, process_count: int = 1) -> Source:

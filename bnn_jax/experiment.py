@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import optax
 
-from bnn_jax import data, parallel, step
+from bnn_jax import data, durations, parallel, step
 from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.convert import load_state_dict, torch_to_flax
 from bnn_jax.ede import ede_schedule
@@ -58,10 +58,11 @@ class Experiment:
   def schedules(self, steps_per_epoch: int, total_steps: int) -> step.Schedules:
     """The learning rate and, where ``ede.enabled``, EDE over a run of this length."""
     ede = self.config.ede
+    span = durations.steps(ede, "span", steps_per_epoch, total_steps) or total_steps
     return step.Schedules(
         self.lr_schedule(steps_per_epoch, total_steps),
-        ede_schedule(ede.epochs or total_steps / steps_per_epoch, steps_per_epoch, ede.t_min,
-                     ede.t_max) if ede.enabled else None)
+        ede_schedule(span / steps_per_epoch, steps_per_epoch, ede.t_min, ede.t_max)
+        if ede.enabled else None)
 
   def make_optimizer(self, steps_per_epoch: int, total_steps: int
                      ) -> Tuple[optax.GradientTransformation, step.Schedules]:

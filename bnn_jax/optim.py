@@ -3,7 +3,7 @@
 Schedules follow mmcv's LrUpdater hooks of the original: ``step`` (×gamma at
 each milestone, never below ``min_lr``), ``poly`` and ``cosine`` over epochs
 (``by_epoch``) or iterations, with an optional warmup (linear, exp or constant,
-as mmcv's) over ``warmup_iters`` iterations from ``warmup_ratio``·lr. Weight
+as mmcv's) over the ``warmup_*`` duration (:mod:`bnn_jax.durations`) from ``warmup_ratio``·lr. Weight
 decay is PyTorch's (added to the gradient before the update) for SGD and Adam,
 decoupled for AdamW.
 """
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bnn_jax import durations
 from bnn_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -47,11 +48,12 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
   warmup = config.get("warmup")
   if warmup not in WARMUPS:
     raise ConfigError(f"unknown warmup {warmup!r}; valid: {list(WARMUPS)}")
-  warmup_iters, warmup_ratio = config.get("warmup_iters", 0), config.get("warmup_ratio", 0.1)
+  warmup_steps = durations.steps(config, "warmup", steps_per_epoch, total_steps) or 0
+  warmup_ratio = config.get("warmup_ratio", 0.1)
 
   def warmup_factor(step):
-    """mmcv's warmup: the factor on the regular rate during the first warmup_iters iterations."""
-    left = (warmup_iters - step) / warmup_iters  # 1 at the start, 0 at the end of the warmup
+    """mmcv's warmup: the factor on the regular rate during the first warmup_steps steps."""
+    left = (warmup_steps - step) / warmup_steps  # 1 at the start, 0 at the end of the warmup
     if warmup == "linear":
       return 1 - left * (1 - warmup_ratio)
     if warmup == "exp":
@@ -61,8 +63,8 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
   def schedule(step):
     step = jnp.asarray(step)
     lr = regular(step)
-    if warmup and warmup_iters:
-      lr = jnp.where(step < warmup_iters, lr * warmup_factor(step), lr)
+    if warmup and warmup_steps:
+      lr = jnp.where(step < warmup_steps, lr * warmup_factor(step), lr)
     return jnp.asarray(lr, jnp.result_type(float))  # float32, or float64 under jax_enable_x64
 
   return schedule

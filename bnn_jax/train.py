@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from bnn_jax import cli, data, parallel, step
+from bnn_jax import cli, data, durations, parallel, step
 from bnn_jax.checkpoint import CheckpointError, Checkpoints, partial_load
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
@@ -150,8 +150,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   parallel.local_batch_size(experiment.eval_batch_size, "eval batch size")
   train_source = experiment.source(config.dataset.train_split)
   eval_source = experiment.source(config.dataset.eval_split)
-  steps_per_epoch = data.steps_per_epoch(train_source.num_examples, batch_size, config.train.drop_last)
-  total_steps = config.train.epochs * steps_per_epoch
+  steps_per_epoch, total_steps = durations.run_steps(config, train_source.num_examples)
   last_step = min(total_steps, config.train.max_steps or total_steps)
   reporter = Reporter(workdir, steps_per_epoch, config.train.epochs, config.train.progress)
 

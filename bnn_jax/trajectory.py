@@ -87,7 +87,7 @@ def schedule_from_mmcv(spec: Mapping[str, Any], base_lr: float, epochs: int,
     if warmup not in WARMUPS or spec.pop("warmup_by_epoch", False):
       raise ConfigError(f"warmup {warmup!r} (by epoch) is not supported; supported: "
                         f"{[w for w in WARMUPS if w]}, by iteration")
-    out.update(warmup=warmup, warmup_iters=int(spec.pop("warmup_iters", 0)),
+    out.update(warmup=warmup, warmup_steps=int(spec.pop("warmup_iters", 0)),
                warmup_ratio=float(spec.pop("warmup_ratio", 0.1)))
   if policy == "step":
     milestones = spec.pop("step")
@@ -116,7 +116,7 @@ def config_from_mmcv(recipe: Mapping[str, Any]) -> ml_collections.ConfigDict:
   c.schedule.update(**schedule_from_mmcv(recipe["lr_config"], c.optimizer.lr, recipe["epochs"],
                                          recipe["iters_per_epoch"]))
   if "ede" in recipe:
-    c.ede.update(enabled=True, epochs=int(recipe["ede"]["total_epoch"]))
+    c.ede.update(enabled=True, span_epochs=int(recipe["ede"]["total_epoch"]))
   distill = recipe.get("distill")
   if distill:
     teacher = distill["teacher"]

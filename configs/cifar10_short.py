@@ -29,6 +29,6 @@ def get_config(method="birealnet_r18"):
   c.dataset = cifar10()
   c.optimizer.update(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
   c.schedule.update(name="poly", power=1.0, by_epoch=False, min_lr=0.0)
-  c.ede.update(enabled=recipe.ede.enabled, epochs=None)
+  c.ede.enabled = recipe.ede.enabled  # over the whole run
   c.train.update(epochs=200, batch_size=256, log_every=50)
   return c

@@ -13,8 +13,8 @@ def get_config():
   c.model.update(backbone="ResArch", arch="IRNet-18", stem_act="hardtanh", neck="gap_bn",
                  bn_group_size=128)
   c.optimizer.update(name="sgd", lr=0.4, momentum=0.9, nesterov=True, weight_decay=1e-4)
-  c.schedule.update(name="step", milestones=(30, 60, 90), warmup="linear", warmup_iters=2500,
+  c.schedule.update(name="step", milestones=(30, 60, 90), warmup="linear", warmup_steps=2500,
                     warmup_ratio=0.25)
-  c.ede.update(enabled=True, epochs=100)
+  c.ede.update(enabled=True, span_epochs=100)
   c.train.update(epochs=100, batch_size=1024)
   return c

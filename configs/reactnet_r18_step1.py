@@ -1,8 +1,8 @@
 """ReActNet ResNet-18, step 1 of 2: binary activations, real weights."""
-from bnn_jax.config import TEACHER_RESNET34, default_config, imagenet
+from bnn_jax.config import WORKDIRS, default_config, imagenet, teacher_dir
 
 
-def get_config():
+def get_config(workdirs=WORKDIRS):
   c = default_config()
   c.model.update(backbone="ResArch", arch="ReActNet-18", avg_down=True, binary_type=(True, False),
                  bn_group_size=64)
@@ -18,5 +18,5 @@ def get_config():
   # GPU's batch of 64).
   c.teacher.model.update(arch="ResNet-34", stem_act="relu", bn_group_size=64)
   c.teacher.batchnorm = "batch"
-  c.teacher.checkpoint = TEACHER_RESNET34
+  c.teacher.checkpoint = teacher_dir(34, workdirs)
   return c

@@ -1,8 +1,8 @@
 """ReActNet ResNet-18, step 2 of 2: fully binary, initialised from step 1."""
-from bnn_jax.config import TEACHER_RESNET34, default_config, imagenet
+from bnn_jax.config import WORKDIRS, default_config, imagenet, teacher_dir
 
 
-def get_config():
+def get_config(workdirs=WORKDIRS):
   c = default_config()
   c.model.update(backbone="ResArch", arch="ReActNet-18", avg_down=True, binary_type=(True, True),
                  bn_group_size=64)
@@ -10,7 +10,7 @@ def get_config():
   # Poly decay per epoch: step 2's config says by_epoch=True, and the logged run of step 1 decayed
   # per epoch too (its config file says by_epoch=False; seed_logs.json is what ran).
   c.schedule.update(name="poly", by_epoch=True, min_lr=0.0)
-  c.train.update(epochs=256, batch_size=512, load_from="workdirs/reactnet_r18_step1")
+  c.train.update(epochs=256, batch_size=512, load_from=f"{workdirs}/reactnet_r18_step1")
   # ReActNet's loss: the distribution of a real ResNet-34 teacher alone (no cross-entropy).
   c.loss.update(only_kd=True, kd_weight=1.0)
   c.dataset = imagenet(resize="pillow")
@@ -18,5 +18,5 @@ def get_config():
   # GPU's batch of 64).
   c.teacher.model.update(arch="ResNet-34", stem_act="relu", bn_group_size=64)
   c.teacher.batchnorm = "batch"
-  c.teacher.checkpoint = TEACHER_RESNET34
+  c.teacher.checkpoint = teacher_dir(34, workdirs)
   return c

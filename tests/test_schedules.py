@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from bnn_jax.config import load_config
-from bnn_jax.data import IMAGENET_TRAIN_IMAGES, steps_per_epoch
+from bnn_jax.durations import run_steps
 from bnn_jax.ede import ede_schedule
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
@@ -33,13 +33,13 @@ def test_ede_schedule_matches_irnet_formula():
 
 def schedule(**fields):
   base = dict(lr=0.4, name="step", by_epoch=True, milestones=None, gamma=0.1, power=1.0,
-              min_lr=0.0, warmup=None, warmup_iters=0, warmup_ratio=0.1)
+              min_lr=0.0, warmup=None, warmup_steps=0, warmup_ratio=0.1)
   return ml_collections.ConfigDict(base | fields)
 
 
 def test_step_schedule_with_linear_warmup_as_mmcv():
   # IR-Net: lr 0.4, ×0.1 at epochs 30/60/90, warmup 2500 iterations from 0.25·lr.
-  lr = make_lr_schedule(schedule(milestones=(30, 60, 90), warmup="linear", warmup_iters=2500,
+  lr = make_lr_schedule(schedule(milestones=(30, 60, 90), warmup="linear", warmup_steps=2500,
                                  warmup_ratio=0.25), steps_per_epoch=1000, total_steps=100_000)
   assert float(lr(0)) == pytest.approx(0.1)  # 0.4 · 0.25
   assert float(lr(1250)) == pytest.approx(0.4 * (1 - 0.5 * 0.75))  # half way: 0.25
@@ -52,10 +52,10 @@ def test_step_schedule_with_linear_warmup_as_mmcv():
 
 def test_exp_and_constant_warmups_and_step_floor_as_mmcv():
   lr = make_lr_schedule(schedule(lr=1.0, milestones=(1, 2), gamma=0.1, min_lr=0.05, warmup="exp",
-                                 warmup_iters=4, warmup_ratio=0.01), steps_per_epoch=10,
+                                 warmup_steps=4, warmup_ratio=0.01), steps_per_epoch=10,
                         total_steps=30)
   assert [float(lr(s)) for s in (0, 2, 4, 10, 25)] == pytest.approx([0.01, 0.1, 1.0, 0.1, 0.05])
-  lr = make_lr_schedule(schedule(lr=1.0, milestones=(1,), warmup="constant", warmup_iters=4,
+  lr = make_lr_schedule(schedule(lr=1.0, milestones=(1,), warmup="constant", warmup_steps=4,
                                  warmup_ratio=0.25), steps_per_epoch=10, total_steps=30)
   assert [float(lr(s)) for s in (0, 3, 4)] == pytest.approx([0.25, 0.25, 1.0])
 
@@ -147,9 +147,9 @@ def test_recipe_reproduces_the_original_logged_learning_rate_at_every_logged_ite
   log = seed_logs(shared_dir)[recipe]
   config = load_config(recipe)
   # The original keeps the last partial batch: 1,252 / 2,503 / 5,005 iterations per epoch.
-  iters = steps_per_epoch(IMAGENET_TRAIN_IMAGES, config.train.batch_size)
+  iters, total = run_steps(config)
   assert iters == log["iters_per_epoch"]
-  lr = Experiment(config, None, None).lr_schedule(iters, config.train.epochs * iters)
+  lr = Experiment(config, None, None).lr_schedule(iters, total)
   steps, logged = np.asarray(log["lr"]).T
   ours = np.asarray(jax.vmap(lr)(jnp.asarray(steps, jnp.int32)), np.float64)
   wrong = ~within_four_significant_digits(ours, logged)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax import data, parallel, step
+from bnn_jax import data, durations, parallel, step
 from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint
@@ -144,13 +144,39 @@ def test_every_recipe_builds_and_takes_one_step(recipe):
   assert set(scheduled) == ({"lr", "ede_k", "ede_t"} if config.ede.enabled else {"lr"})
 
 
-@pytest.mark.parametrize("recipe", ["irnet_r18", "reactnet_a_step1", "real_to_binary_step2"])
-def test_cifar10_variants(recipe):
-  config = load_config(f"cifar10:{recipe}")
+@pytest.mark.parametrize("recipe", ["irnet_r18", "reactnet_a_step1", "real_to_binary_step2",
+                                    "real_to_binary_step1"])
+def test_cifar10_variants_keep_every_duration_as_a_fraction_of_the_run(recipe):
+  imagenet, config = load_config(recipe), load_config(f"cifar10:{recipe}")
   assert config.model.cifar_stem and config.model.num_classes == 10
   assert config.dataset.image_size == 32 and config.train.epochs == 200
-  if config.ede.enabled:
-    assert config.ede.epochs == 200
+  per_epoch, total = durations.run_steps(config)
+  assert (per_epoch, total) == (196, 39200)  # ceil(50,000 / 256) steps per epoch
+  imagenet_per_epoch, imagenet_total = durations.run_steps(imagenet)
+  if config.ede.enabled:  # IR-Net's EDE spans its whole run
+    assert durations.steps(config.ede, "span", per_epoch, total) == total
+  warmup = durations.steps(imagenet.schedule, "warmup", imagenet_per_epoch, imagenet_total)
+  if warmup:  # IR-Net: 2,500 of 125,200 steps; Real-to-Binary 25,025 of 375,375
+    assert config.schedule.warmup_steps == warmup * total // imagenet_total
+    assert config.schedule.warmup_steps == {"irnet_r18": 782, "real_to_binary_step1": 2613}[recipe]
+  if imagenet.schedule.milestones:
+    assert config.schedule.milestones == tuple(m * 200 // imagenet.train.epochs
+                                               for m in imagenet.schedule.milestones)
+  # The runs it starts or distils from are its CIFAR-10 siblings, not the ImageNet ones.
+  for path in (config.train.load_from, config.teacher.checkpoint):
+    assert path is None or path.startswith("workdirs/cifar10/")
+
+
+def test_a_duration_is_set_in_one_unit():
+  schedule = load_config("irnet_r18").schedule
+  assert durations.steps(schedule, "warmup", 1252, 125200) == 2500
+  schedule.update(warmup_steps=None, warmup_epochs=1.5)
+  assert durations.steps(schedule, "warmup", 1252, 125200) == 1878
+  schedule.update(warmup_epochs=None, warmup_fraction=0.25)
+  assert durations.steps(schedule, "warmup", 1252, 125200) == 31300
+  schedule.warmup_steps = 10
+  with pytest.raises(ConfigError, match=r"warmup is set twice \(warmup_steps=10, warmup_fraction=0.25\)"):
+    durations.steps(schedule, "warmup", 1252, 125200)
 
 
 def test_config_errors_are_clear():

@@ -38,7 +38,7 @@ def test_mmcv_lr_configs_translate_with_mmcv_defaults():
       name="poly", by_epoch=True, power=1.0, min_lr=0.0)
   assert schedule_from_mmcv(dict(policy="step", warmup="linear", warmup_iters=2500, warmup_ratio=0.25,
                                  step=[30, 60, 90]), 0.4, 100, 1252) == dict(
-      name="step", by_epoch=True, warmup="linear", warmup_iters=2500, warmup_ratio=0.25,
+      name="step", by_epoch=True, warmup="linear", warmup_steps=2500, warmup_ratio=0.25,
       milestones=(30, 60, 90), gamma=0.1, min_lr=0.0)
   assert schedule_from_mmcv(dict(policy="step", step=30), 0.1, 90, 10)["milestones"] == (30, 60)
   assert schedule_from_mmcv(dict(policy="CosineAnnealing", min_lr_ratio=0.01), 0.5, 10, 10)["min_lr"] == 0.005
