@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from bnn_jax import cli, data, durations, parallel, step
+from bnn_jax import cli, data, durations, parallel
 from bnn_jax.checkpoint import CheckpointError, Checkpoints, partial_load
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import load_transform
 from bnn_jax.report import Reporter
+from bnn_jax.step import TrainState, make_eval_step, summarize, zero_sums
 from bnn_jax.workdir import claim
 
 
@@ -51,7 +52,7 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _load_from(experiment: Experiment, state: step.TrainState, path: str, reporter: Reporter):
+def _load_from(experiment: Experiment, state: TrainState, path: str, reporter: Reporter):
   """Initialises params and batch_stats from another run's latest checkpoint (step 2 from step 1)."""
   step_loaded, saved, meta = Checkpoints(path, read_only=True).saved_tree(
       None, parallel.replicated(experiment.mesh))
@@ -103,7 +104,7 @@ class Throughput:
 
 
 def restore_or_init(experiment: Experiment, tx, checkpoints: Checkpoints, reporter: Reporter
-                    ) -> Tuple[step.TrainState, dict]:
+                    ) -> Tuple[TrainState, dict]:
   """The run's state and best evaluation so far: resumed from the workdir's newest checkpoint
   that restores (damaged later ones set aside), else fresh, from ``train.load_from`` if set."""
   config = experiment.config
@@ -161,7 +162,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                  f"(step {teacher_record['step']}), BatchNorm on {config.teacher.batchnorm} "
                  "statistics, inside the train step")
   train_step = experiment.make_train_step(tx, schedules, teacher)
-  eval_step = parallel.jit_eval_step(step.make_eval_step(experiment.model), mesh)
+  eval_step = parallel.jit_eval_step(make_eval_step(experiment.model), mesh)
   checkpoints = Checkpoints(workdir, config.train.max_to_keep)
   state, best = restore_or_init(experiment, tx, checkpoints, reporter)
   first_step = int(state.step)
@@ -184,54 +185,54 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         "config": _config_json(config), "step": at_step, "epoch": at_step / steps_per_epoch,
         "best": best, "teacher": teacher_record})
 
-  zero_sums = lambda: jax.device_put(step.zero_sums(), parallel.replicated(mesh))  # noqa: E731
+  fresh_sums = lambda: jax.device_put(zero_sums(), parallel.replicated(mesh))  # noqa: E731  (donated)
   preemption = _Preemption()
   batches = parallel.prefetch_to_devices(
       data.train_batches(train_source, config.dataset, local_batch, config.train.seed,
                          steps_per_epoch, first_step), mesh)
   throughput = Throughput(batch_size, first_step)
-  sums, train_summary, eval_metrics = zero_sums(), {}, {}
+  sums, train_summary, eval_metrics = fresh_sums(), {}, {}
   if first_step >= last_step:  # rerun of a finished run (e.g. a recipe stage): report, train nothing
     reporter.log(f"{workdir} already finished at step {first_step}; evaluating its last checkpoint")
     eval_metrics = experiment.evaluate(state, eval_step, eval_source)
-  for current in range(first_step + 1, last_step + 1):
+  for step in range(first_step + 1, last_step + 1):
     state, sums, scheduled = train_step(state, next(batches), sums, teacher_variables)
-    reporter.advance(current)
-    epoch_done = itstime(current, steps_per_epoch, last_step)
+    reporter.advance(step)
+    epoch_done = itstime(step, steps_per_epoch, last_step)
 
-    if itstime(current, config.train.log_every, last_step) or epoch_done:
-      train_summary = step.summarize(sums) | _fetch(scheduled)
+    if itstime(step, config.train.log_every, last_step) or epoch_done:
+      train_summary = summarize(sums) | _fetch(scheduled)
       if not math.isfinite(train_summary["loss"]):
-        raise NonFiniteLoss(f"loss became {train_summary['loss']} by step {current}; stopping. The "
+        raise NonFiniteLoss(f"loss became {train_summary['loss']} by step {step}; stopping. The "
                             f"last good checkpoint (step {checkpoints.latest_step()}) is intact in "
                             f"{checkpoints.directory}")
-      train_summary["images_per_s"] = throughput.lap(current)
-      reporter.scalars(current, "train", train_summary)
+      train_summary["images_per_s"] = throughput.lap(step)
+      reporter.scalars(step, "train", train_summary)
       reporter.show(loss=train_summary["loss"], top1=train_summary["top1"],
                     img_s=train_summary["images_per_s"])
-      sums = zero_sums()
+      sums = fresh_sums()
 
     if preemption.requested:
       reporter.end_epoch()
-      save(current)
-      reporter.log(f"SIGTERM: saved step {current} to {checkpoints.directory}; rerun the same "
+      save(step)
+      reporter.log(f"SIGTERM: saved step {step} to {checkpoints.directory}; rerun the same "
                    "command to resume")
       break
     if not epoch_done:
       continue
 
     reporter.end_epoch()
-    evaluated = itstime(current, config.train.eval_every_epochs * steps_per_epoch, last_step)
+    evaluated = itstime(step, config.train.eval_every_epochs * steps_per_epoch, last_step)
     if evaluated:
       eval_metrics = experiment.evaluate(state, eval_step, eval_source)
-      reporter.scalars(current, "eval", eval_metrics)
+      reporter.scalars(step, "eval", eval_metrics)
       if eval_metrics["top1"] > best["top1"]:
-        best = {"top1": eval_metrics["top1"], "step": current}
-    if itstime(current, config.train.checkpoint_every_epochs * steps_per_epoch, last_step):
-      save(current)
-    reporter.epoch_line(current, train_summary, eval_metrics if evaluated else None,
+        best = {"top1": eval_metrics["top1"], "step": step}
+    if itstime(step, config.train.checkpoint_every_epochs * steps_per_epoch, last_step):
+      save(step)
+    reporter.epoch_line(step, train_summary, eval_metrics if evaluated else None,
                         throughput.since_restart())
-    throughput.restart(current)
+    throughput.restart(step)
 
   if preemption.requested:
     return eval_metrics

@@ -50,7 +50,7 @@ BLOCK_OUTPUTS = SOWN  # the collection Flax's init leaves out
 
 def sow_block_output(module: nn.Module, name: str, x) -> None:
   """Records a block's output in the ``intermediates`` collection when the caller asks for it
-  (``apply(..., mutable=["block_outputs"])``): what attention transfer compares. A no-op otherwise."""
+  (``apply(..., mutable=[BLOCK_OUTPUTS])``): what attention transfer compares. A no-op otherwise."""
   module.sow(BLOCK_OUTPUTS, "blocks", {name: x}, reduce_fn=lambda seen, new: {**seen, **new},
              init_fn=dict)
 
