@@ -274,10 +274,17 @@ class _Walker:
 
 def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],
             input_dtype=jnp.float32) -> Report:
-  """Costs of ``apply_fn(variables, images)`` on one image of ``input_shape`` (NHWC, batch 1).
+  """Costs of ``apply_fn(variables, images)`` on one image, read off its jaxpr.
 
-  ``variables`` may be arrays or ``jax.ShapeDtypeStruct`` stand-ins (``jax.eval_shape``):
-  the function is only traced.
+  Args:
+    apply_fn: ``(variables, images) -> logits``, e.g. ``model.apply`` in eval mode.
+    variables: arrays or ``jax.ShapeDtypeStruct`` stand-ins (``jax.eval_shape``): the function
+      is only traced. Leaves under ``params`` count as parameters.
+    input_shape: NHWC; the batch is taken as 1.
+    input_dtype: the images' dtype.
+  Returns:
+    A :class:`Report`: per-layer MACs by precision (binary, mixed, real), BOPs, FLOPs, parameter
+    counts and the model's size at 1 bit per binary parameter.
   """
   input_shape = (1, *tuple(input_shape)[1:])
   images = jax.ShapeDtypeStruct(input_shape, input_dtype)
@@ -300,7 +307,8 @@ def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],
 
 
 def analyze_model(model, input_shape: Sequence[int]) -> Report:
-  """:func:`analyze` of a Flax classifier in eval mode, from shapes alone."""
+  """:func:`analyze` of a Flax classifier (:func:`bnn_jax.models.build_model`) in eval mode, from
+  shapes alone: ``input_shape`` NHWC (batch taken as 1). Returns a :class:`Report`."""
   variables = abstract_variables(model, (1, *tuple(input_shape)[1:]))
   return analyze(lambda v, x: model.apply(v, x, train=False), variables, input_shape)
 

@@ -129,12 +129,20 @@ def is_torchvision(state_dict: Mapping[str, Any]) -> bool:
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any],
                   allow_missing: bool = False, torchvision: Optional[bool] = None) -> Dict[str, Any]:
-  """Converts ``state_dict`` into variables shaped like ``template`` (e.g. ``jax.eval_shape(model.init, …)``).
+  """Converts a PyTorch state dict into Flax variables.
 
-  ``torchvision``: whether keys lack the ``backbone.``/``head.`` prefixes (default: told by
-  :func:`is_torchvision`; set it for a part of a state dict, such as its running statistics).
-  Raises :class:`StateDictMismatch` naming every missing (unless ``allow_missing``),
-  unexpected and mis-shaped key.
+  Args:
+    state_dict: PyTorch key -> array (:func:`load_state_dict`): the original's, mmclassification's,
+      torchvision's or HCEBNN's (training keys; :func:`hcebnn_training_keys` renames released ones).
+    template: the variables' shapes, :func:`bnn_jax.models.abstract_variables`.
+    allow_missing: keep the template's leaf (a ShapeDtypeStruct) where the state dict has none.
+    torchvision: whether keys lack the ``backbone.``/``head.`` prefixes (default: told by
+      :func:`is_torchvision`; set it for a part of a state dict, such as its running statistics).
+  Returns:
+    ``{"params": ..., "batch_stats": ...}`` as numpy arrays shaped like ``template``.
+  Raises:
+    StateDictMismatch: naming every missing (unless ``allow_missing``), unexpected and
+      mis-shaped key.
   """
   torchvision = is_torchvision(state_dict) if torchvision is None else torchvision
   used, missing, misshaped = set(), [], []

@@ -29,8 +29,18 @@ def restore_checkpoint(config, workdir: str, step=None):
 
 
 def evaluate_checkpoint(config, workdir: str, step=None, bit_packed: bool = False) -> dict:
-  """Eval metrics of a checkpoint: top1, top5 (fractions), loss, num_examples, step; with
-  ``bit_packed``, its binary convolutions computed on packed bits."""
+  """Evaluates a checkpoint on the config's eval split, every example once.
+
+  Args:
+    config: the config the run was trained with (its model and data set).
+    workdir: the run's workdir (or ``bnn_jax.convert``'s output).
+    step: the checkpoint step; default the newest that restores.
+    bit_packed: compute the binary convolutions on packed bits (:mod:`bnn_jax.packed`).
+  Returns:
+    ``top1`` and ``top5`` (fractions), ``loss`` (mean cross-entropy), ``num_examples``, ``step``.
+  Raises:
+    CheckpointError: no checkpoint, or one of another model than ``config.model``.
+  """
   experiment, variables, step = restore_checkpoint(config, workdir, step)
   state = TrainState(jax.numpy.asarray(step), variables["params"], variables["batch_stats"], None)
   eval_step = None

@@ -30,8 +30,13 @@ WORD_BITS = 32
 
 
 def pack(x: jax.Array) -> jax.Array:
-  """Bits of ``x >= 0`` along the last axis, 32 per uint32 word (bit i of word j is element
-  32·j + i); the last word's unused bits are 0."""
+  """Packs signs along the last axis.
+
+  Args:
+    x: any shape (..., C); x >= 0 is bit 1 (+1), as sign(0) = +1.
+  Returns:
+    uint32 (..., ceil(C / 32)): bit i of word j is element 32·j + i; the last word's unused bits are 0.
+  """
   channels = x.shape[-1]
   words = -(-channels // WORD_BITS)
   bits = (x >= 0).astype(jnp.uint32)
@@ -61,10 +66,15 @@ def padding_correction(weight_bits: jax.Array, channels: int, in_shape, kernel_s
 
 def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: int, kernel_size: int,
                 strides: int = 1, padding: int = 0) -> jax.Array:
-  """Exact dot products (int32, NHWC) of a ±1 convolution with zero padding.
+  """A ±1 convolution on packed bits: K − 2·popcount(a XOR w) per output, zero padding exact.
 
-  ``activation_bits``: (N, H, W, words) from :func:`pack`; ``weight_bits``: (k·k, words, O), the
-  packed HWIO kernel; ``channels``: the input channels before packing.
+  Args:
+    activation_bits: (N, H, W, words) from :func:`pack`.
+    weight_bits: (k·k, words, O), the packed HWIO kernel (:func:`packed_weights`).
+    channels: the input channels before packing.
+    kernel_size, strides, padding: as the float convolution's (padding on each side).
+  Returns:
+    int32 (N, H', W', O): the exact dot products of the ±1 convolution.
   """
   _, height, width, _ = activation_bits.shape
   rows = (height + 2 * padding - kernel_size) // strides + 1
@@ -91,7 +101,11 @@ def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: in
 
 
 def packed_weights(binary_kernel: jax.Array):
-  """(bits (k·k, words, O), per-output-channel scale α) of a binarized HWIO kernel ±α_o."""
+  """Packs a binarized HWIO kernel whose output channel o holds ±α_o.
+
+  Returns:
+    (bits uint32 (k·k, words, O), α float (O,)).
+  """
   k, _, channels, out = binary_kernel.shape
   bits = pack(jnp.transpose(binary_kernel, (0, 1, 3, 2)).reshape(k * k, out, channels))
   scale = jnp.max(jnp.abs(binary_kernel), axis=(0, 1, 2))
@@ -165,9 +179,18 @@ def _binary_conv_call(context) -> bool:
 
 
 def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Dict[str, Any]:
-  """{layer path: {"bits": (k·k, words, O) uint32, "scale": (O,) float32}} for every binary
-  convolution of ``model``: its binarized kernel (the method's own weight binarizer) packed once.
-  Raises :class:`ConfigError` naming a convolution that is neither fully binary nor fully real."""
+  """Packs every binary convolution of ``model`` once, binarized by the method's own weight binarizer.
+
+  Args:
+    model: a classifier of :func:`bnn_jax.models.build_model`.
+    variables: its trained ``params`` and ``batch_stats``.
+    input_shape: one batch's, e.g. (1, 224, 224, 3) (the model is traced on it).
+  Returns:
+    {layer path: {"bits": (k·k, words, O) uint32, "scale": (O,) float32}} (expert convs:
+    bits (E, groups, k·k, words, O/groups), scale (E, O)).
+  Raises:
+    ConfigError: naming a convolution that is neither fully binary nor fully real.
+  """
   found = {}
 
   def record(next_fun, args, kwargs, context):
@@ -230,8 +253,13 @@ class PackedClassifier:
 
 def packed_model(model: nn.Module, variables: Dict[str, Any],
                  input_shape) -> Callable[[jax.Array], jax.Array]:
-  """A jitted ``images -> logits`` of ``model`` in inference mode whose binary convolutions run on
-  bits packed once (:func:`pack_weights`); ``input_shape`` is one batch's, e.g. (1, 224, 224, 3)."""
+  """``model`` for inference with its binary convolutions on bits packed once.
+
+  Args:
+    model, variables, input_shape: as :func:`pack_weights`'s.
+  Returns:
+    A jitted ``images -> logits`` (eval mode), equal to the float model's up to float rounding.
+  """
   return PackedClassifier(model, pack_weights(model, variables, input_shape)).bind(variables)
 
 
@@ -247,7 +275,14 @@ def packed_model(model: nn.Module, variables: Dict[str, Any],
 
 def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[str, Any],
          weights: Dict[str, Any]) -> None:
-  """Writes a packed model (see the format above); binary kernels are stored only as bits."""
+  """Writes a packed model to one .npz (the format above); binary kernels are stored only as bits.
+
+  Args:
+    path: the file to write.
+    model_config: the ``model`` section as a dict (what :func:`load` rebuilds the model from).
+    input_shape: one batch's input shape.
+    variables: the trained variables; weights: :func:`pack_weights`'s output.
+  """
   binary_kernels = {f"params/{layer}/kernel" for layer in weights}
   arrays = {"model": np.asarray(json.dumps(model_config)), "input_shape": np.asarray(input_shape)}
   for key_path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
@@ -262,7 +297,11 @@ def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[s
 
 
 def load(path: str) -> Callable[[jax.Array], jax.Array]:
-  """The jitted ``images -> logits`` of a file written by :func:`save`."""
+  """Reads a file written by :func:`save`.
+
+  Returns:
+    The jitted ``images -> logits`` of the packed model (needs no checkpoint or config).
+  """
   with np.load(path) as file:
     arrays = {name: file[name] for name in file.files}
   model = build_model(json.loads(str(arrays.pop("model"))))

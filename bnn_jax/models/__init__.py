@@ -38,10 +38,15 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 def build_model(config: Mapping[str, Any]) -> Classifier:
   """Builds the classifier a model config describes.
 
-  Keys: ``backbone`` (ResArch | MobileArch), ``num_classes``, ``neck``
-  (gap | gap_bn), ``dtype`` (the compute dtype), and the backbone's own fields
-  (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``, ``bn_group_size``, …);
-  an option set to ``None`` takes the backbone's default.
+  Args:
+    config: a ``model`` section (or dict): ``backbone`` (one of :data:`BACKBONES`),
+      ``num_classes``, ``neck`` (gap | gap_bn), ``dtype`` (the compute dtype), and the
+      backbone's own fields (``arch``, ``stem_channels``, ``base_channels``, ``binary_type``,
+      ``binarizers``, ``bn_group_size``, …); a field set to ``None`` takes the backbone's default.
+  Returns:
+    A :class:`Classifier`: ``apply(variables, images, train=..., ede=...)`` -> float32 logits.
+  Raises:
+    ConfigError: an unknown backbone, architecture, neck, dtype or field, naming the valid ones.
   """
   options = dict(config.to_dict() if hasattr(config, "to_dict") else config)
   options = {k: v for k, v in options.items() if v is not None}  # None: the backbone's default
