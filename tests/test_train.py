@@ -96,6 +96,16 @@ def test_checkpoint_of_another_model_configuration_with_the_same_shapes_is_refus
     train_and_evaluate(other, workdir)
 
 
+def test_an_implicit_host_transfer_in_the_step_loop_is_an_error(tmp_path, monkeypatch):
+  """The step runs under jax.transfer_guard("disallow"): a host batch (here: prefetching undone)
+  fails at the first step instead of silently copying every step."""
+  config = digits_config(max_steps=1)
+  config.model.update(stem_channels=4, base_channels=4, binary_type=(False, False))
+  monkeypatch.setattr(parallel, "prefetch_to_devices", lambda batches, mesh: iter(batches))
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train_and_evaluate(config, str(tmp_path))
+
+
 def test_itstime_is_every_n_steps_and_the_last():
   assert [s for s in range(1, 24) if itstime(s, 5, 23)] == [5, 10, 15, 20, 23]
   assert [s for s in range(1, 24) if itstime(s, 0, 23)] == [23]
