@@ -34,7 +34,6 @@ from jax.extend import core
 from bnn_jax.models import abstract_variables
 
 
-
 class Precision(enum.Enum):
   CONST = "const"  # a literal or a value computed from literals alone
   BINARY = "binary"  # ±1 (times a broadcast scale)
@@ -60,6 +59,12 @@ class Layer:
   macs: int
   input_precision: str
   kernel_precision: str
+  params: int = 0  # the parameters its kernel is computed from (every expert of an expert conv)
+
+  @property
+  def bits(self) -> int:
+    """Its kernel's storage: 1 bit per binary parameter, 32 per real one."""
+    return self.params * (1 if self.kernel_precision == "binary" else 32)
 
   @property
   def counted_as(self) -> str:
@@ -111,8 +116,8 @@ class Report:
             "params": self.params, "binary_params": self.binary_params,
             "real_params": self.params - self.binary_params, "size_bytes": self.size_bytes,
             "compression": self.compression, "binary_mac_share": self.binary_mac_share,
-            "layers": [dataclasses.asdict(layer) | {"counted_as": layer.counted_as}
-                       for layer in self.layers]}
+            "layers": [dataclasses.asdict(layer) | {"counted_as": layer.counted_as,
+                                                    "bits": layer.bits} for layer in self.layers]}
 
 
 # --- The walk ------------------------------------------------------------------------
@@ -122,8 +127,8 @@ _SHAPE_OPS = frozenset({
     "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
     "pad", "slice", "rev", "copy", "copy_p", "stop_gradient", "neg",
     "reduce_precision", "optimization_barrier"})
-# Elementwise ops that keep a (broadcast) scale a scale.
-_SCALE_PRESERVING = _SHAPE_OPS | {"div", "mul", "abs", "exp2", "pow", "round", "log", "sqrt", "rsqrt"}
+# Elementwise ops that keep a (broadcast) scale a scale (mul and div: :func:`_scaled`).
+_SCALE_PRESERVING = frozenset({"abs", "exp2", "pow", "round", "log", "sqrt", "rsqrt"})
 
 
 def _size(aval) -> int:
@@ -159,6 +164,95 @@ def _clean_name(stack: str) -> str:
   return "/".join(kept)
 
 
+@dataclasses.dataclass
+class _Equation:
+  """One equation as a handler sees it: its arguments' Values and its outputs."""
+  eqn: Any
+  args: List[Value]
+
+  @property
+  def first(self) -> Value:
+    return self.args[0]
+
+  def value(self, precision: Precision, source_size=None, aval=None) -> Value:
+    """An output Value: computed from the arguments' parameters unless one came from the input."""
+    aval = self.eqn.outvars[0].aval if aval is None else aval
+    from_input = any(a.from_input for a in self.args)
+    params = frozenset() if from_input else frozenset().union(*(a.params for a in self.args))
+    return Value(precision, _size(aval) if source_size is None else source_size, params, from_input)
+
+  def outputs(self, precision: Precision, source_size=None) -> List[Value]:
+    return [self.value(precision, source_size, v.aval) for v in self.eqn.outvars]
+
+  def smallest_source(self) -> int:
+    return min(a.source_size for a in self.args)
+
+
+def _real_unless_const(precision: Precision) -> Precision:
+  return precision if precision is not Precision.CONST else Precision.REAL
+
+
+def _real(e: _Equation) -> List[Value]:
+  return e.outputs(Precision.REAL)
+
+
+def _sign(e: _Equation) -> List[Value]:
+  return [e.value(Precision.BINARY)]
+
+
+def _select(e: _Equation) -> List[Value]:
+  """where(x >= 0, 1, -1): a choice between constants is a sign."""
+  if all(a.precision is Precision.CONST for a in e.args[1:]):
+    return [e.value(Precision.BINARY)]
+  return _real(e)
+
+
+def _indexed(e: _Equation) -> List[Value]:
+  """Elements of the first operand, wherever the indices come from (an expert gate)."""
+  first = e.first
+  return [Value(_real_unless_const(first.precision), _size(e.eqn.outvars[0].aval), first.params,
+                first.from_input)]
+
+
+def _rearranged(e: _Equation) -> List[Value]:
+  """The first operand reshaped, cast, padded…: same precision; a broadcast keeps its source size."""
+  source = e.first.source_size
+  if e.eqn.primitive.name == "broadcast_in_dim":
+    source = min(source, _size(e.eqn.invars[0].aval))
+  return [e.value(_real_unless_const(e.first.precision), source)]
+
+
+def _scaled(e: _Equation) -> List[Value]:
+  """±1 times a per-channel (or scalar) scale, or ±1 · ±1, stays binary."""
+  size = _size(e.eqn.outvars[0].aval)
+  binary = [a for a in e.args if a.precision is Precision.BINARY]
+  others = [a for a in e.args if a.precision is not Precision.BINARY]
+  if binary and all(o.precision is Precision.CONST or o.source_size < size for o in others):
+    return [e.value(Precision.BINARY)]
+  return [e.value(Precision.REAL, e.smallest_source())]
+
+
+def _joined(e: _Equation) -> List[Value]:
+  if all(a.precision is Precision.BINARY for a in e.args):
+    return [e.value(Precision.BINARY)]
+  return _real(e)
+
+
+def _scale_kept(e: _Equation) -> List[Value]:
+  """A real result that is still as small as its smallest operand (a scale stays a scale)."""
+  return e.outputs(Precision.REAL, e.smallest_source())
+
+
+# How each primitive changes what the walk knows (anything else: a real value). Constants in,
+# constants out; convolutions and dot products are counted (:meth:`_Walker.count`).
+_HANDLERS: Dict[str, Callable[[_Equation], List[Value]]] = {
+    **{prim: _scale_kept for prim in _SCALE_PRESERVING},
+    **{prim: _rearranged for prim in _SHAPE_OPS},
+    "sign": _sign, "select_n": _select, "gather": _indexed, "dynamic_slice": _indexed,
+    "mul": _scaled, "div": _scaled, "concatenate": _joined, "stack": _joined,
+}
+
+
 class _Walker:
   def __init__(self, param_sizes: Sequence[int]):
     self.param_sizes = param_sizes
@@ -191,15 +285,6 @@ class _Walker:
       self.layers = outer
 
   def equation(self, eqn, args: List[Value], name: str, repeat: int) -> List[Value]:
-    prim = eqn.primitive.name
-    out_avals = [v.aval for v in eqn.outvars]
-    params = frozenset().union(*(a.params for a in args)) if args else frozenset()
-    from_input = any(a.from_input for a in args)
-
-    def value(precision, source_size=None, aval=out_avals[0] if out_avals else None):
-      return Value(precision, _size(aval) if source_size is None else source_size,
-                   frozenset() if from_input else params, from_input)
-
     subs = _sub_jaxprs(eqn)
     if subs:
       # A cond runs one of its branches: keep the costliest. Other calls have one sub-jaxpr.
@@ -208,40 +293,17 @@ class _Walker:
                 for sub, consts, times in subs]
       layers, results = max(walked, key=lambda w: sum(layer.macs for layer in w[0]))
       self.layers.extend(layers)
-      if len(results) == len(out_avals):
+      if len(results) == len(eqn.outvars):
         return results
-      return [value(Precision.REAL, aval=a) for a in out_avals]
-
+      return _Equation(eqn, args).outputs(Precision.REAL)
+    prim = eqn.primitive.name
     if prim in ("conv_general_dilated", "dot_general"):
       self.count(eqn, args, name, repeat)
-      return [value(Precision.REAL)]
-    if prim == "sign":
-      return [value(Precision.BINARY)]
-    if all(a.precision is Precision.CONST for a in args):
-      return [value(Precision.CONST, aval=a) for a in out_avals]
-    if prim == "select_n" and all(a.precision is Precision.CONST for a in args[1:]):
-      return [value(Precision.BINARY)]  # where(x >= 0, 1, -1)
-    first = args[0]
-    if prim in ("gather", "dynamic_slice"):  # elements of the first operand, wherever the indices
-      return [Value(first.precision if first.precision is not Precision.CONST else Precision.REAL,
-                    _size(out_avals[0]), first.params, first.from_input)]  # come from (a gate)
-    if prim in _SHAPE_OPS:
-      source = first.source_size if prim != "broadcast_in_dim" else min(
-          first.source_size, _size(eqn.invars[0].aval))
-      return [value(first.precision if first.precision is not Precision.CONST else Precision.REAL,
-                    source)]
-    if prim in ("mul", "div") and len(args) == 2:
-      size = _size(out_avals[0])
-      binary = [a for a in args if a.precision is Precision.BINARY]
-      others = [a for a in args if a.precision is not Precision.BINARY]
-      if binary and all(o.precision is Precision.CONST or o.source_size < size for o in others):
-        return [value(Precision.BINARY)]  # ±1 times a per-channel (or scalar) scale, or ±1 · ±1
-      return [value(Precision.REAL, min(a.source_size for a in args))]
-    if prim in ("concatenate", "stack") and all(a.precision is Precision.BINARY for a in args):
-      return [value(Precision.BINARY)]
-    if prim in _SCALE_PRESERVING:
-      return [value(Precision.REAL, min(a.source_size for a in args), aval=a) for a in out_avals]
-    return [value(Precision.REAL, aval=a) for a in out_avals]
+      return _Equation(eqn, args).outputs(Precision.REAL)
+    equation = _Equation(eqn, args)
+    if prim != "sign" and all(a.precision is Precision.CONST for a in args):
+      return equation.outputs(Precision.CONST)
+    return _HANDLERS.get(prim, _real)(equation)
 
   def count(self, eqn, args: List[Value], name: str, repeat: int) -> None:
     lhs, rhs = (v.aval for v in eqn.invars)
@@ -263,13 +325,15 @@ class _Walker:
                   repeat * _size(out) * per_output, inputs.precision.value
                   if inputs.precision is not Precision.CONST else "real",
                   kernel.precision.value if kernel.precision is not Precision.CONST else "real")
+    # The kernel's own parameters: of its size, or a whole number of them (experts); not the
+    # per-channel scales or statistics it may also be computed from.
+    kernel_params = {i for i in kernel.params
+                     if self.param_sizes[i] % _size(operands[kernel_index]) == 0}
+    layer.params = sum(self.param_sizes[i] for i in kernel_params)
     self.layers.append(layer)
-    for operand in (inputs, kernel):
+    for operand, aval in ((inputs, operands[1 - kernel_index]), (kernel, operands[kernel_index])):
       if operand.precision is Precision.BINARY and not operand.from_input:
-        # The kernel's own parameter: of its size, or a whole number of them (experts).
-        kernel_size = _size(operands[kernel_index if operand is kernel else 1 - kernel_index])
-        self.binary_param_ids.update(i for i in operand.params
-                                     if self.param_sizes[i] % kernel_size == 0)
+        self.binary_param_ids.update(i for i in operand.params if self.param_sizes[i] % _size(aval) == 0)
 
 
 def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],
@@ -324,11 +388,14 @@ def _human(n: float) -> str:
 
 
 def format_report(report: Report, title: str = "") -> str:
-  """The per-layer table and the totals, as larq.models.summary shows them."""
-  rows = [f"{'layer':<44} {'kind':<5} {'input':<18} {'kernel':<18} {'MACs':>10}  precision"]
+  """The per-layer table (with each kernel's parameters and storage bits) and the totals, as
+  larq.models.summary shows them."""
+  rows = [f"{'layer':<44} {'kind':<5} {'input':<18} {'kernel':<18} {'params':>9} {'bits':>10} "
+          f"{'MACs':>10}  precision"]
   for layer in report.layers:
     rows.append(f"{layer.name:<44} {layer.kind:<5} {str(layer.input_shape):<18} "
-                f"{str(layer.kernel_shape):<18} {_human(layer.macs):>10}  "
+                f"{str(layer.kernel_shape):<18} {layer.params:>9,} {_human(layer.bits):>10} "
+                f"{_human(layer.macs):>10}  "
                 f"{layer.input_precision} x {layer.kernel_precision} -> {layer.counted_as}")
   totals = [
       f"BOPs    {report.bops:>16,}  ({_human(report.bops)})",

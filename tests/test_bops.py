@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from bnn_jax.binarize import ste_sign
-from bnn_jax.bops import analyze, analyze_model
+from bnn_jax.bops import analyze, analyze_model, format_report
 from bnn_jax.layers import BinaryConv
 from bnn_jax.models import build_model
 
@@ -59,6 +59,11 @@ def test_conv_and_dense_macs_by_hand():
   assert report.binary_params == kernels
   assert report.params == kernels + 3 * 3 * 3 * 6 + 32 * 10 + 10
   assert report.size_bytes == (kernels + 32 * (report.params - kernels)) / 8
+  # Per layer, as larq's summary: each kernel's parameters and its storage (1 or 32 bits each).
+  assert {n: (layers[n].params, layers[n].bits) for n in layers} == {
+      "strided": (288, 288), "grouped": (144, 144), "pointwise": (64, 64), "padded": (72, 72),
+      "dilated": (162, 162 * 32), "dense": (320, 320 * 32)}
+  assert "params       bits" in format_report(report)
 
 
 def test_step1_model_counts_mixed_and_real_model_has_no_bops():
