@@ -196,8 +196,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     reporter.log(f"{workdir} already finished at step {first_step}; evaluating its last checkpoint")
     eval_metrics = experiment.evaluate(state, eval_step, eval_source)
   for step in range(first_step + 1, last_step + 1):
+    batch = next(batches)  # already on the devices (prefetched)
     with jax.transfer_guard("disallow"):  # an implicit host transfer here would stall every step
-      state, sums, scheduled = train_step(state, next(batches), sums, teacher_variables)
+      state, sums, scheduled = train_step(state, batch, sums, teacher_variables)
     reporter.advance(step)
     epoch_done = itstime(step, steps_per_epoch, last_step)
 
