@@ -136,4 +136,3 @@ class Experiment:
     for batch in parallel.prefetch_to_devices(batches, self.mesh):
       sums = eval_step(state, batch, sums)
     return step.summarize(sums) | {"num_examples": int(jax.device_get(sums["count"]))}
-
