@@ -253,5 +253,3 @@ def irnet_weight(w: jax.Array, ede: EDE) -> jax.Array:
 def scaled_ste_sign(w: jax.Array, clip: float = 1.0) -> jax.Array:
   """ReActNet / Bi-Real weights: clipped STE sign times detached mean|W| per output channel."""
   return ste_sign(w, clip) * jax.lax.stop_gradient(_per_out_channel_mean(absolute(w)))
-
-
