@@ -185,7 +185,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         "config": _config_json(config), "step": at_step, "epoch": at_step / steps_per_epoch,
         "best": best, "teacher": teacher_record})
 
-  fresh_sums = lambda: jax.device_put(zero_sums(), parallel.replicated(mesh))  # noqa: E731  (donated)
+  def fresh_sums():  # a new buffer each time: the step donates the sums it is given
+    return jax.device_put(zero_sums(), parallel.replicated(mesh))
+
   preemption = _Preemption()
   batches = parallel.prefetch_to_devices(
       data.train_batches(train_source, config.dataset, local_batch, config.train.seed,
