@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnn_jax import layers
 from bnn_jax.binarize import EDE, sign
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import AttentionScale, BatchNorm, BinaryConv, LearnableScale, avg_pool_ceil
@@ -109,3 +110,32 @@ def test_ghost_batchnorm_normalises_each_group_and_averages_pytorch_updates():
 def test_ghost_batchnorm_refuses_a_batch_that_does_not_split():
   with pytest.raises(ConfigError, match="groups of 4"):
     BatchNorm(use_running_average=False, group_size=4).init(jax.random.key(0), X[:, :, :, :])
+
+
+@pytest.mark.parametrize("shape, kernel_size, strides, pad", [
+    ((2, 9, 7, 3), 3, 1, 1),  # not square
+    ((3, 57, 57, 4), 3, 2, 1),  # odd size, strided
+    ((2, 8, 8, 4), 1, 2, 0),  # a shortcut's 1×1/2: the weight gradient crops its padding
+    ((2, 16, 16, 3), 7, 2, 3),  # the stem's 7×7/2
+    ((1, 5, 5, 2), 3, 1, 0)])
+def test_cpu_conv2d_equals_the_plain_convolution_and_its_gradients_bit_for_bit(shape, kernel_size,
+                                                                               strides, pad):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, shape[-1], 5))
+  plain = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w, (strides, strides), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y, plain_vjp = jax.vjp(plain, x, kernel)
+  ours, ours_vjp = jax.vjp(lambda x, w: layers.cpu_conv2d(x, w, strides, pad), x, kernel)
+  cotangent = jax.random.normal(jax.random.key(2), y.shape)
+  np.testing.assert_array_equal(ours, y)
+  for got, want in zip(ours_vjp(cotangent), plain_vjp(cotangent)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_float32_convolutions_on_cpu_take_the_stored_input_backward():
+  jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1, 1, jnp.float32))(
+      jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))))
+  assert ("custom_vjp_call" in jaxpr) == (jax.default_backend() == "cpu")
+  grouped = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1, 2, jnp.float32))(
+      jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2))))
+  assert "custom_vjp_call" not in grouped
