@@ -125,17 +125,24 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int,
 
   Operands in the compute dtype (±1 is exact in any), products summed in at least float32 and
   rounded once: bfloat16 holds integers only up to 256, a binary dot product up to 4,608.
-  On CPU, float32 ungrouped convolutions take :func:`cpu_conv2d`'s backward (same values;
-  ``BNN_JAX_CPU_CONV_BACKWARD=xla`` in the environment keeps XLA's own).
+  On CPU, float32 ungrouped convolutions of large inputs take :func:`cpu_conv2d`'s backward
+  (same values; ``BNN_JAX_CPU_CONV_BACKWARD=xla`` in the environment keeps XLA's own).
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if (groups == 1 and x.dtype == jnp.float32 and jax.default_backend() == "cpu"
+  if (groups == 1 and x.dtype == jnp.float32 and x.size >= STORED_INPUT_MIN_SIZE
+      and jax.default_backend() == "cpu"
       and os.environ.get("BNN_JAX_CPU_CONV_BACKWARD", "stored_input") == "stored_input"):
     return cpu_conv2d(x, kernel, strides, pad)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(strides, strides), padding=[(pad, pad)] * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
       preferred_element_type=jnp.promote_types(dtype, jnp.float32)).astype(dtype)
+
+
+# Conv inputs of this many values and more take cpu_conv2d on CPU (every conv of a ResNet-18 at
+# 224² and batch 16: 16×7×7×256 and up); below, a transposition is cheap and XLA's own backward
+# compiles faster (the test suite's small models).
+STORED_INPUT_MIN_SIZE = 1 << 17
 
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: int, pad: int) -> jax.Array:

@@ -132,10 +132,13 @@ def test_cpu_conv2d_equals_the_plain_convolution_and_its_gradients_bit_for_bit(s
     np.testing.assert_array_equal(got, want)
 
 
-def test_float32_convolutions_on_cpu_take_the_stored_input_backward():
-  jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1, 1, jnp.float32))(
-      jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))))
-  assert ("custom_vjp_call" in jaxpr) == (jax.default_backend() == "cpu")
-  grouped = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1, 2, jnp.float32))(
-      jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2))))
-  assert "custom_vjp_call" not in grouped
+def test_large_float32_convolutions_on_cpu_take_the_stored_input_backward():
+  def takes_it(shape, groups=1):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, shape[-1] // groups, 8), jnp.float32)
+    return "custom_vjp_call" in str(jax.make_jaxpr(
+        lambda x, w: layers.conv2d(x, w, 1, 1, groups, jnp.float32))(x, w))
+
+  large = (16, 64, 64, 64)  # 2^22 values
+  assert takes_it(large) == (jax.default_backend() == "cpu")
+  assert not takes_it(large, groups=2) and not takes_it((2, 8, 8, 16))
