@@ -285,6 +285,7 @@ class _Walker:
       self.layers = outer
 
   def equation(self, eqn, args: List[Value], name: str, repeat: int) -> List[Value]:
+    equation = _Equation(eqn, args)
     subs = _sub_jaxprs(eqn)
     if subs:
       # A cond runs one of its branches: keep the costliest. Other calls have one sub-jaxpr.
@@ -295,12 +296,11 @@ class _Walker:
       self.layers.extend(layers)
       if len(results) == len(eqn.outvars):
         return results
-      return _Equation(eqn, args).outputs(Precision.REAL)
+      return equation.outputs(Precision.REAL)
     prim = eqn.primitive.name
     if prim in ("conv_general_dilated", "dot_general"):
       self.count(eqn, args, name, repeat)
-      return _Equation(eqn, args).outputs(Precision.REAL)
-    equation = _Equation(eqn, args)
+      return equation.outputs(Precision.REAL)
     if prim != "sign" and all(a.precision is Precision.CONST for a in args):
       return equation.outputs(Precision.CONST)
     return _HANDLERS.get(prim, _real)(equation)
@@ -320,20 +320,21 @@ class _Walker:
     kernel_index = 1 if not args[1].from_input or args[0].from_input else 0
     inputs, kernel = args[1 - kernel_index], args[kernel_index]
     operands = (lhs, rhs)
-    layer = Layer(_clean_name(name), kind, tuple(operands[1 - kernel_index].shape),
-                  tuple(operands[kernel_index].shape), tuple(out.shape),
-                  repeat * _size(out) * per_output, inputs.precision.value
-                  if inputs.precision is not Precision.CONST else "real",
-                  kernel.precision.value if kernel.precision is not Precision.CONST else "real")
-    # The kernel's own parameters: of its size, or a whole number of them (experts); not the
-    # per-channel scales or statistics it may also be computed from.
-    kernel_params = {i for i in kernel.params
-                     if self.param_sizes[i] % _size(operands[kernel_index]) == 0}
-    layer.params = sum(self.param_sizes[i] for i in kernel_params)
-    self.layers.append(layer)
-    for operand, aval in ((inputs, operands[1 - kernel_index]), (kernel, operands[kernel_index])):
+    input_aval, kernel_aval = operands[1 - kernel_index], operands[kernel_index]
+
+    def own_params(operand: Value, aval) -> set:
+      """The parameters an operand is: of its size, or a whole number of them (experts); not the
+      per-channel scales or statistics it may also be computed from."""
+      return {i for i in operand.params if self.param_sizes[i] % _size(aval) == 0}
+
+    self.layers.append(Layer(
+        _clean_name(name), kind, tuple(input_aval.shape), tuple(kernel_aval.shape),
+        tuple(out.shape), repeat * _size(out) * per_output,
+        _real_unless_const(inputs.precision).value, _real_unless_const(kernel.precision).value,
+        params=sum(self.param_sizes[i] for i in own_params(kernel, kernel_aval))))
+    for operand, aval in ((inputs, input_aval), (kernel, kernel_aval)):
       if operand.precision is Precision.BINARY and not operand.from_input:
-        self.binary_param_ids.update(i for i in operand.params if self.param_sizes[i] % _size(aval) == 0)
+        self.binary_param_ids.update(own_params(operand, aval))
 
 
 def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],

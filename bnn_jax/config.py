@@ -3,9 +3,10 @@
 Sections: ``model`` (see :func:`bnn_jax.models.build_model`; a ``None`` field
 means the backbone's default), ``dataset``, ``optimizer``, ``schedule``, ``ede``,
 ``loss``, ``teacher``, ``parallel`` and ``train``. Durations other than the run's
-``train.epochs`` follow :mod:`bnn_jax.durations` (``warmup_steps`` or ``warmup_epochs``…). Every field exists here, so any of them can be set from
-the command line (``--config.train.epochs=5``) and a typo is an error. Fields
-that default to ``None`` are typed placeholders, so they can be set there too
+``train.epochs`` follow :mod:`bnn_jax.durations` (``warmup_steps`` or ``warmup_epochs``…).
+Every field exists here, so any of them can be set from the command line
+(``--config.train.epochs=5``) and a typo is an error. Fields that default to ``None`` are
+typed placeholders, so they can be set there too
 (``--config.dataset.path=DIR``, ``--config.model.strides='(1, 2, 2, 1)'``).
 """
 from __future__ import annotations

@@ -135,4 +135,5 @@ class Experiment:
     sums = jax.device_put(step.zero_sums(), parallel.replicated(self.mesh))
     for batch in parallel.prefetch_to_devices(batches, self.mesh):
       sums = eval_step(state, batch, sums)
-    return step.summarize(sums) | {"num_examples": int(jax.device_get(sums["count"]))}
+    fetched = step.fetch(sums)
+    return step.summarize(fetched) | {"num_examples": int(fetched["count"])}

@@ -133,10 +133,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int,
       and jax.default_backend() == "cpu"
       and os.environ.get("BNN_JAX_CPU_CONV_BACKWARD", "stored_input") == "stored_input"):
     return cpu_conv2d(x, kernel, strides, pad)
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(strides, strides), padding=[(pad, pad)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-      preferred_element_type=jnp.promote_types(dtype, jnp.float32)).astype(dtype)
+  return _conv(x, kernel, strides, pad, groups).astype(dtype)
 
 
 # Conv inputs of this many values and more take cpu_conv2d on CPU (every conv of a ResNet-18 at
@@ -145,9 +142,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int,
 STORED_INPUT_MIN_SIZE = 1 << 17
 
 
-def _conv(x: jax.Array, kernel: jax.Array, strides: int, pad: int) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad)] * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int = 1) -> jax.Array:
+  """The NHWC ⊛ HWIO convolution, its products summed in at least float32."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(strides, strides), padding=[(pad, pad)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+      preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -235,6 +235,11 @@ def torch_default_bias(fan_in: int):
   """PyTorch's default bias init of a layer with ``fan_in`` inputs: U(±1/√fan_in)."""
   bound = 1 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def chosen_experts(one_hot: Optional[jax.Array], batch: int) -> jax.Array:
+  """Each sample's expert index from the gate's one-hot (B, E); None: expert 0 for every sample."""
+  return jnp.zeros((batch,), jnp.int32) if one_hot is None else jnp.argmax(one_hot, axis=-1)
 
 
 def expert_choices(collections: Any) -> dict:
@@ -340,8 +345,7 @@ class ExpertBinaryConv(nn.Module):
                            bias_init=torch_default_bias(channels), name="fc")(pooled)
     one_hot = None if self.use_first_expert else winner_take_all(GATES[self.gate](gate_logits))
     y = self.convolve(x, one_hot, ede)
-    self.sow(SOWN, "expert_choice", jnp.zeros((batch,), jnp.int32) if one_hot is None
-             else jnp.argmax(one_hot, axis=-1))
+    self.sow(SOWN, "expert_choice", chosen_experts(one_hot, batch))
     if self.scale:
       y = ChannelScale(name="activation_post_process")(y)
     if self.use_se:

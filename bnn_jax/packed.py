@@ -23,7 +23,7 @@ import numpy as np
 
 from bnn_jax import binarize
 from bnn_jax.errors import ConfigError
-from bnn_jax.layers import BinaryConv, ExpertBinaryConv
+from bnn_jax.layers import BinaryConv, ExpertBinaryConv, chosen_experts
 from bnn_jax.models import build_model
 
 WORD_BITS = 32
@@ -35,7 +35,8 @@ def pack(x: jax.Array) -> jax.Array:
   Args:
     x: any shape (..., C); x >= 0 is bit 1 (+1), as sign(0) = +1.
   Returns:
-    uint32 (..., ceil(C / 32)): bit i of word j is element 32·j + i; the last word's unused bits are 0.
+    uint32 (..., ceil(C / 32)): bit i of word j is element 32·j + i; the last word's unused
+    bits are 0.
   """
   channels = x.shape[-1]
   words = -(-channels // WORD_BITS)
@@ -232,10 +233,7 @@ class PackedClassifier:
       layer = weights[_path(module)]
       binary_x = binarize.get(module.activation_binarizer)(x)
       if isinstance(module, ExpertBinaryConv):
-        one_hot = args[1]
-        choice = (jnp.zeros(x.shape[:1], jnp.int32) if one_hot is None
-                  else jnp.argmax(one_hot, axis=-1))
-        return packed_expert_conv(binary_x, choice, layer, module.groups, module.kernel_size,
+        return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer, module.groups, module.kernel_size,
                                   module.strides, module.kernel_size // 2).astype(module.dtype)
       dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
                          module.strides, module.pad_width)

@@ -203,10 +203,13 @@ def _add(sums: Metrics, batch_metrics: Metrics) -> Metrics:
   return {name: sums[name] + batch_metrics[name] for name in SUMS}
 
 
-def summarize(sums: Metrics) -> Dict[str, float]:
-  """Host-side means of (device) sums: loss, top1, top5 (fractions) over ``count`` examples.
-  The only host transfer of the metrics: call it every few steps, not every step."""
-  fetched = {name: float(value) for name, value in jax.device_get(sums).items()}
-  count = max(fetched["count"], 1.0)
-  return {"loss": fetched["loss_sum"] / count, "top1": fetched["top1_sum"] / count,
-          "top5": fetched["top5_sum"] / count}
+def fetch(values: Metrics) -> Dict[str, float]:
+  """Device scalars as host floats, in one transfer: call it every few steps, not every step."""
+  return {name: float(value) for name, value in jax.device_get(values).items()}
+
+
+def summarize(sums: Dict[str, float]) -> Dict[str, float]:
+  """Means of fetched sums: loss, top1, top5 (fractions) over ``count`` examples."""
+  count = max(sums["count"], 1.0)
+  return {"loss": sums["loss_sum"] / count, "top1": sums["top1_sum"] / count,
+          "top5": sums["top5_sum"] / count}

@@ -23,7 +23,7 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import load_transform
 from bnn_jax.report import Reporter
-from bnn_jax.step import TrainState, make_eval_step, summarize, zero_sums
+from bnn_jax.step import TrainState, fetch, make_eval_step, summarize, zero_sums
 from bnn_jax.workdir import claim
 
 
@@ -205,7 +205,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     epoch_done = itstime(step, steps_per_epoch, last_step)
 
     if itstime(step, config.train.log_every, last_step) or epoch_done:
-      train_summary = summarize(sums) | _fetch(scheduled)
+      fetched = fetch(sums | scheduled)  # one transfer; the names do not overlap
+      train_summary = summarize(fetched) | {name: fetched[name] for name in scheduled}
       if not math.isfinite(train_summary["loss"]):
         raise NonFiniteLoss(f"loss became {train_summary['loss']} by step {step}; stopping. The "
                             f"last good checkpoint (step {checkpoints.latest_step()}) is intact in "
@@ -247,10 +248,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                  f"loss {eval_metrics['loss']:.4f} on {eval_metrics['num_examples']} images "
                  f"(best top-1 {best['top1']:.2%} at step {best['step']})")
   return eval_metrics
-
-
-def _fetch(values: dict) -> dict:
-  return {name: float(value) for name, value in jax.device_get(values).items()}
 
 
 def main():

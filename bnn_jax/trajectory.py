@@ -206,7 +206,7 @@ def check_trajectory(npz_path: str) -> TrajectoryReport:
     recorded = []
     for batch in batches:
       state, sums, scheduled = train_step(state, batch, step.zero_sums(), teacher_variables)
-      recorded.append(initial | {k: float(v) for k, v in jax.device_get(sums | scheduled).items()})
+      recorded.append(initial | step.fetch(sums | scheduled))
     ours = _by_torch_key({"params": state.params, "batch_stats": state.batch_stats})
   reference = _by_torch_key(torch_to_flax(with_prefix(fixture, "final_state_dict/"), template))
   schedule_error = max(relative_error([m[name] for m in recorded], fixture[key])

@@ -71,7 +71,6 @@ def time_model(config, steps, warmup):
                                                         carry["train_sums"], teacher_variables)
     jax.block_until_ready(carry["train_sums"])
 
-
   def evaluate(index):
     carry["sums"] = eval_step(carry["state"], batches[index % 2], carry["sums"])
     jax.block_until_ready(carry["sums"])
