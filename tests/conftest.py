@@ -6,6 +6,8 @@ import tempfile
 import jax
 import pytest
 
+import bnn_jax  # noqa: F401  (its XLA:CPU flags, before any computation)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("BNN_JAX_SHARED", REPO.parent / "shared"))
 PARITY_DIR = SHARED / "reference" / "parity"

@@ -1,9 +1,14 @@
 """BinaryConv's binary_type switches, the learnable pieces, and EDE without recompiles."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bnn_jax
 from bnn_jax import layers
 from bnn_jax.binarize import EDE, sign
 from bnn_jax.errors import ConfigError
@@ -142,3 +147,23 @@ def test_large_float32_convolutions_on_cpu_take_the_stored_input_backward():
   large = (16, 64, 64, 64)  # 2^22 values
   assert takes_it(large) == (jax.default_backend() == "cpu")
   assert not takes_it(large, groups=2) and not takes_it((2, 8, 8, 16))
+
+
+def test_importing_bnn_jax_keeps_convolutions_out_of_ynnpack_unless_the_user_set_the_flag():
+  show = "import bnn_jax, os; print(os.environ['XLA_FLAGS'])"
+  flag = bnn_jax.CPU_LIBRARY_FUSIONS.split("=")[0]
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  ours = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True)
+  assert ours.stdout.strip() == bnn_jax.CPU_LIBRARY_FUSIONS
+  users = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
+                         env=dict(env, XLA_FLAGS=f"--xla_cpu_use_onednn=false {flag}="))
+  assert users.stdout.strip() == f"--xla_cpu_use_onednn=false {flag}="
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU flag")
+def test_cpu_convolutions_compile_to_xla_s_own_kernels():
+  conv = jax.jit(lambda x, w: layers.conv2d(x, w, 1, 1, 1, jnp.float32))
+  x, w = jax.ShapeDtypeStruct((16, 56, 56, 64), jnp.float32), jax.ShapeDtypeStruct((3, 3, 64, 64),
+                                                                                  jnp.float32)
+  compiled = conv.lower(x, w).compile().as_text()  # XLA hands YNNPACK only convolutions this large
+  assert "convolution(" in compiled and "__ynn_fusion" not in compiled
