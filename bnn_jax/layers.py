@@ -130,7 +130,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int,
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   if (groups == 1 and x.dtype == jnp.float32 and x.size >= STORED_INPUT_MIN_SIZE
-      and jax.default_backend() == "cpu"
+      and x.shape[-1] % 8 == 0 and jax.default_backend() == "cpu"
       and os.environ.get("BNN_JAX_CPU_CONV_BACKWARD", "stored_input") == "stored_input"):
     return cpu_conv2d(x, kernel, strides, pad)
   return _conv(x, kernel, strides, pad, groups).astype(dtype)
@@ -158,21 +158,30 @@ def cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int) -> jax.A
   XLA:CPU computes a weight gradient from the input transposed to (C, H, W, N) and fuses that
   transposition with the elementwise ops that produced the input: a residual stream (ReActNet's
   shift → BatchNorm → add → RPReLU, block after block) is then recomputed in strided order,
-  130 ms for one layer at 224² and batch 16 on a 2-core EPYC. Here the copy is written once, by
-  a matmul with 8×8 identity blocks (exact, 8 multiply-adds per value; XLA does not fuse
-  elementwise producers into a dot), and the weight gradient is the convolution XLA itself
-  lowers it to (the batch contracted), so the values are those of ``jax.vjp`` of the plain
-  convolution, bit for bit.
+  130 ms for one layer at 224² and batch 16 on a 2-core EPYC. Here the copy is written once
+  (:func:`materialized`), and the weight gradient is the convolution XLA itself lowers it to
+  (the batch contracted), so the values are those of ``jax.vjp`` of the plain convolution, bit
+  for bit.
   """
   return _conv(x, kernel, strides, pad)
 
 
-def _cpu_conv2d_fwd(x, kernel, strides, pad):
+def materialized(x: jax.Array) -> jax.Array:
+  """``x``, written out by a matmul with 8×8 identity blocks over its last axis.
+
+  Exact (8 multiply-adds per value), and XLA does not fuse elementwise producers into a dot:
+  whatever reads the result reads stored values instead of recomputing the ops that made ``x``
+  at every use.
+  """
   block = 8 if x.shape[-1] % 8 == 0 else x.shape[-1]
-  stored = jnp.einsum("nhwkd,dc->nhwkc", x.reshape(x.shape[:3] + (-1, block)),
-                      jnp.eye(block, dtype=x.dtype),
-                      precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
-  return _conv(x, kernel, strides, pad), (jnp.transpose(stored, (3, 1, 2, 0)), kernel)
+  return jnp.einsum("...kd,dc->...kc", x.reshape(x.shape[:-1] + (-1, block)),
+                    jnp.eye(block, dtype=x.dtype),
+                    precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+
+
+def _cpu_conv2d_fwd(x, kernel, strides, pad):
+  stored = jnp.transpose(materialized(x), (3, 1, 2, 0))
+  return _conv(x, kernel, strides, pad), (stored, kernel)
 
 
 def _cpu_conv2d_bwd(strides, pad, residuals, g):
@@ -428,45 +437,56 @@ def hardtanh(x: jax.Array) -> jax.Array:
   return jnp.where(x <= -1, -1, jnp.where(x >= 1, 1, x)).astype(x.dtype)
 
 
-@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """PyTorch's MaxPool2d(3, 2, padding=1), the ResNet stem pool.
 
   Its gradient goes to the first maximum of each window in row-major order, as PyTorch's;
   ties are common after a hardtanh stem (IR-Net), where XLA leaves the choice unspecified.
   """
+  return _max_pool(x, x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, shape: tuple) -> jax.Array:
+  del shape  # the backward's: an output size comes from two input sizes
   return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
 
-def _max_pool_fwd(x):
-  y = max_pool_3x3_s2(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-  """Each output's gradient goes to the first of its 9 window taps (row-major) equal to its
-  maximum, scattered back by a strided (interior) pad: elementwise passes only, no (…, 9) stack of
-  windows (2.2× faster on the ResNet stem). An input in several windows sums their gradients in
-  PyTorch's order (outputs in raster order, i.e. taps in reverse), so the sums are bit-equal."""
-  x, y = residuals
+def _max_pool_fwd(x, shape):
+  """The pool, and for each output the first of its 9 window taps (row-major) equal to its
+  maximum, as a float 0–8 written out once (:func:`materialized`): the backward reads it
+  instead of recomputing the stem's BatchNorm and activation for 9 comparisons per tap."""
+  y = _max_pool(x, shape)
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  (rows, cols), (out_rows, out_cols) = padded.shape[1:3], y.shape[1:3]
+  out_rows, out_cols = y.shape[1:3]
+  first = jnp.full(y.shape, 9, jnp.float32)
+  for tap in reversed(range(9)):
+    i, j = divmod(tap, 3)
+    window = padded[:, i:i + 2 * out_rows - 1:2, j:j + 2 * out_cols - 1:2, :]
+    first = jnp.where(window == y, float(tap), first)
+  return y, materialized(first)
+
+
+def _max_pool_bwd(shape, first, g):
+  """Each output's gradient goes to its first maximum, scattered back by a strided (interior)
+  pad: elementwise passes only, no (…, 9) stack of windows. An input in several windows sums
+  their gradients in PyTorch's order (outputs in raster order, i.e. taps in reverse), so the
+  sums are bit-equal. ``g`` is written out first: each tap reads it, and XLA would otherwise
+  recompute its producer (the next conv's estimator backward, a tanh for IR-Net) at every
+  read. Both together: the stem pool's backward 70 → 7 ms in IR-Net-18's step (224², batch 16,
+  2-core EPYC)."""
+  (rows, cols), (out_rows, out_cols) = (shape[1] + 2, shape[2] + 2), g.shape[1:3]  # padded
+  g = materialized(g)
   zero = jnp.zeros((), g.dtype)
-  taken = jnp.zeros(y.shape, bool)
-  firsts = []
-  for i in range(3):
-    for j in range(3):
-      tap = padded[:, i:i + 2 * out_rows - 1:2, j:j + 2 * out_cols - 1:2, :]
-      firsts.append((i, j, (tap == y) & ~taken))
-      taken = taken | firsts[-1][2]
-  grad = jnp.zeros(padded.shape, g.dtype)
-  for i, j, first in reversed(firsts):
-    grad = grad + jax.lax.pad(jnp.where(first, g, zero), zero, (
+  grad = jnp.zeros((shape[0], rows, cols, shape[3]), g.dtype)
+  for tap in reversed(range(9)):
+    i, j = divmod(tap, 3)
+    grad = grad + jax.lax.pad(jnp.where(first == tap, g, zero), zero, (
         (0, 0, 0), (i, rows - i - 2 * out_rows + 1, 1), (j, cols - j - 2 * out_cols + 1, 1), (0, 0, 0)))
   return (grad[:, 1:-1, 1:-1, :],)
 
 
-max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 ACTIVATIONS = {"hardtanh": lambda: hardtanh,

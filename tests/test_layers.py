@@ -147,6 +147,7 @@ def test_large_float32_convolutions_on_cpu_take_the_stored_input_backward():
   large = (16, 64, 64, 64)  # 2^22 values
   assert takes_it(large) == (jax.default_backend() == "cpu")
   assert not takes_it(large, groups=2) and not takes_it((2, 8, 8, 16))
+  assert not takes_it((16, 224, 224, 3))  # an image: no elementwise producer to recompute
 
 
 def test_importing_bnn_jax_keeps_convolutions_out_of_ynnpack_unless_the_user_set_the_flag():
