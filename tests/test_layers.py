@@ -112,6 +112,42 @@ def test_ghost_batchnorm_normalises_each_group_and_averages_pytorch_updates():
   assert not np.allclose(whole, y, atol=1e-3)  # one group of 6 is not two of 3
 
 
+def test_batchnorm_backward_is_pytorch_s_per_group_and_the_derivative_of_its_forward():
+  torch = pytest.importorskip("torch")
+  keys = jax.random.split(jax.random.key(4), 6)
+  x = jax.random.normal(keys[0], (6, 3, 2, 4)) * 2 + 1
+  scale, bias = jax.random.normal(keys[1], (4,)), jax.random.normal(keys[2], (4,))
+  upstream = jax.random.normal(keys[3], x.shape)
+  bn = BatchNorm(use_running_average=False, group_size=3)
+  variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": {
+      "mean": jnp.zeros(4), "var": jnp.ones(4)}}
+  grads = jax.grad(lambda x, params: jnp.sum(upstream * bn.apply(
+      {**variables, "params": params}, x, mutable=["batch_stats"])[0]), argnums=(0, 1))(
+          x, variables["params"])
+  want_x, want_scale, want_bias = [], 0, 0
+  for part in (slice(0, 3), slice(3, 6)):  # PyTorch's BatchNorm2d on each group
+    xt = torch.tensor(np.asarray(x[part]).transpose(0, 3, 1, 2), requires_grad=True)
+    wt, bt = (torch.tensor(np.asarray(v), requires_grad=True) for v in (scale, bias))
+    out = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True)
+    (out * torch.tensor(np.asarray(upstream[part]).transpose(0, 3, 1, 2))).sum().backward()
+    want_x.append(xt.grad.numpy().transpose(0, 2, 3, 1))
+    want_scale, want_bias = want_scale + wt.grad.numpy(), want_bias + bt.grad.numpy()
+  np.testing.assert_allclose(grads[0], np.concatenate(want_x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[1]["scale"], want_scale, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[1]["bias"], want_bias, rtol=1e-5, atol=1e-5)
+
+  def plain(groups, scale, bias):  # the forward, differentiated by JAX (mean and var outputs too)
+    mean = groups.mean((1, 2, 3), keepdims=True)
+    var = jnp.square(groups - mean).mean((1, 2, 3), keepdims=True)
+    return (groups - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+  groups = x.reshape((2, 3) + x.shape[1:])
+  outputs, ours = jax.vjp(lambda *a: layers.normalize_batch(*a, 1e-5), groups, scale, bias)
+  cotangents = (upstream.reshape(groups.shape), jax.random.normal(keys[4], outputs[1].shape),
+                jax.random.normal(keys[5], outputs[2].shape))
+  for got, want in zip(ours(cotangents), jax.vjp(plain, groups, scale, bias)[1](cotangents)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_ghost_batchnorm_refuses_a_batch_that_does_not_split():
   with pytest.raises(ConfigError, match="groups of 4"):
     BatchNorm(use_running_average=False, group_size=4).init(jax.random.key(0), X[:, :, :, :])
