@@ -490,17 +490,20 @@ def _max_pool(x: jax.Array, shape: tuple) -> jax.Array:
 
 
 def _max_pool_fwd(x, shape):
-  """The pool, and for each output the first of its 9 window taps (row-major) equal to its
-  maximum, as a float 0–8 written out once (:func:`materialized`): the backward reads it
-  instead of recomputing the stem's BatchNorm and activation for 9 comparisons per tap."""
-  y = _max_pool(x, shape)
+  """The pool, and for each output the first of its 9 window taps (row-major) holding its
+  maximum, as a float 0–8 written out once (:func:`materialized`) for the backward. Both come
+  from one pass over the taps (a later tap wins only if strictly greater), so the padded input
+  is never written out and the stem's BatchNorm and activation are not recomputed for a
+  second pass."""
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  out_rows, out_cols = y.shape[1:3]
-  first = jnp.full(y.shape, 9, jnp.float32)
-  for tap in reversed(range(9)):
+  out_rows, out_cols = (shape[1] - 1) // 2 + 1, (shape[2] - 1) // 2 + 1
+  y = padded[:, 0:2 * out_rows - 1:2, 0:2 * out_cols - 1:2, :]
+  first = jnp.zeros(y.shape, jnp.float32)
+  for tap in range(1, 9):
     i, j = divmod(tap, 3)
     window = padded[:, i:i + 2 * out_rows - 1:2, j:j + 2 * out_cols - 1:2, :]
-    first = jnp.where(window == y, float(tap), first)
+    later = window > y
+    y, first = jnp.where(later, window, y), jnp.where(later, float(tap), first)
   return y, materialized(first)
 
 
