@@ -52,9 +52,9 @@ class BatchNorm(nn.Module):
     compute = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(compute)
     if self.use_running_average:
-      mean, var = running_mean.value.astype(compute), running_var.value.astype(compute)
-      y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-      return (y * scale.astype(compute) + bias.astype(compute)).astype(self.dtype)
+      return normalized_affine(x, running_mean.value.astype(compute),
+                               running_var.value.astype(compute), scale.astype(compute),
+                               bias.astype(compute), self.epsilon).astype(self.dtype)
     groups = ghost_groups(x, self.group_size)
     y, mean, var = normalize_batch(groups, scale.astype(compute), bias.astype(compute),
                                    self.epsilon)
@@ -81,7 +81,16 @@ def normalize_batch(groups: jax.Array, scale: jax.Array, bias: jax.Array,
   axes = tuple(range(1, groups.ndim - 1))
   mean = groups.mean(axes, keepdims=True)
   var = jnp.square(groups - mean).mean(axes, keepdims=True)
-  return (groups - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
+  return normalized_affine(groups, mean, var, scale, bias, epsilon), mean, var
+
+
+def normalized_affine(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+                      bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x − mean)/√(var + ε)·scale + bias as PyTorch's CPU kernel computes it: x·α + β with
+  α = scale/√(var + ε) and β = bias − mean·α per channel. One multiply-add per value, and no
+  centred copy of ``x`` for XLA to share between the variance and the output."""
+  alpha = scale * jax.lax.rsqrt(var + epsilon)
+  return x * alpha + (bias - mean * alpha)
 
 
 def _normalize_batch_fwd(groups, scale, bias, epsilon):
