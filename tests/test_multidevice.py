@@ -26,35 +26,28 @@ def run(args, devices, **kwargs):
   return result.stdout
 
 
-@pytest.fixture(scope="module")
-def measured():
-  return json.loads(run(["tests/multidevice_worker.py"], 8).strip().splitlines()[-1])
-
-
-def test_sharded_step_on_8_devices_equals_1_device(measured):
+def test_eight_devices_match_one_device_and_ddp_by_hand():
+  """One 8-device subprocess measures every case (the module fixture it replaced ran once per
+  pytest-xdist worker, i.e. twice)."""
+  measured = json.loads(run(["tests/multidevice_worker.py"], 8).strip().splitlines()[-1])
+  # The sharded step equals one device's.
   assert measured["sharded"]["loss"] < 1e-6
   assert measured["sharded"]["grads"] < 1e-4
   assert measured["sharded"]["batch_stats"] < 1e-5
-
-
-def test_per_device_step_equals_averaged_per_shard_computation(measured):
+  # The per-device step equals the averaged per-shard computation, and BatchNorm per device differs.
   assert measured["per_device"]["loss"] < 1e-6
   assert measured["per_device"]["grads"] < 1e-4
   assert measured["per_device"]["batch_stats"] < 1e-5
-  assert measured["per_device"]["differs_from_sharded"] > 1e-3  # BatchNorm statistics per device
-
-
-def test_ghost_batchnorm_is_independent_of_the_device_count(measured):
+  assert measured["per_device"]["differs_from_sharded"] > 1e-3
+  # Ghost BatchNorm does not depend on the device count; its groups really change the step.
   assert measured["ghost"]["loss"] < 1e-6
   assert measured["ghost"]["grads"] < 1e-4
   assert measured["ghost"]["batch_stats"] < 1e-5
-  assert measured["ghost"]["differs_from_global"] > 1e-3  # the groups really change the step
+  assert measured["ghost"]["differs_from_global"] > 1e-3
   # Groups of the per-device batch are PyTorch DDP's per-GPU BatchNorm.
   assert measured["ghost"]["groups_of_2_vs_per_device"] < 1e-4
   assert measured["ghost"]["groups_of_2_vs_per_device_stats"] < 1e-5
-
-
-def test_indivisible_global_batch_is_a_clear_error(measured):
+  # An indivisible global batch is a clear error.
   assert measured["indivisible_error"] == (
       "global batch size 12 is not divisible by the 8 devices; use a multiple of 8")
 
