@@ -102,12 +102,12 @@ def _normalize_batch_bwd(epsilon, residuals, cotangents):
   groups, scale, mean, var = residuals
   d_out, d_mean, d_var = cotangents
   axes, count = tuple(range(1, groups.ndim - 1)), math.prod(groups.shape[1:-1])
-  rstd = jax.lax.rsqrt(var + epsilon)
-  normalized = (groups - mean) * rstd
+  rstd, centred = jax.lax.rsqrt(var + epsilon), groups - mean
+  normalized = centred * rstd
   sum_d_out = d_out.sum(axes, keepdims=True)
   sum_d_out_normalized = (d_out * normalized).sum(axes, keepdims=True)
   d_groups = (scale * rstd * (d_out - (sum_d_out + normalized * sum_d_out_normalized) / count)
-              + (d_mean + 2 * d_var * (groups - mean)) / count)
+              + (d_mean + 2 * d_var * centred) / count)
   channels = scale.shape
   return (d_groups, sum_d_out_normalized.sum(0).reshape(channels),
           sum_d_out.sum(0).reshape(channels))
@@ -230,14 +230,13 @@ def materialized(x: jax.Array) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
 
 
-def _stored_stride(kernel: jax.Array, strides: int, pad: int) -> int:
-  """The stride of the stored input within the convolution's input: 1 where only the pixels a
-  strided 1×1 convolution reads are stored."""
-  return 1 if kernel.shape[0] == 1 and pad == 0 else strides
+def _pointwise(kernel: jax.Array, pad: int) -> bool:
+  """A 1×1 convolution without padding reads every s-th pixel only: it stores just those."""
+  return kernel.shape[0] == 1 and pad == 0
 
 
 def _stored_input_conv_fwd(x, kernel, strides, pad, shape):
-  step = strides // _stored_stride(kernel, strides, pad)
+  step = strides if _pointwise(kernel, pad) else 1
   stored = jnp.transpose(materialized(x[:, ::step, ::step]), (3, 1, 2, 0))
   return _conv(x, kernel, strides, pad), (stored, kernel)
 
@@ -245,7 +244,7 @@ def _stored_input_conv_fwd(x, kernel, strides, pad, shape):
 def _stored_input_conv_bwd(strides, pad, shape, residuals, g):
   x_chwn, kernel = residuals
   _, height, width, _ = x_chwn.shape
-  size, stride = kernel.shape[0], _stored_stride(kernel, strides, pad)
+  size, stride = kernel.shape[0], 1 if _pointwise(kernel, pad) else strides  # in x_chwn
   # dW[i, j, c, o] = Σ_n,h,w x[n, s·h + i − pad, s·w + j − pad, c] · g[n, h, w, o]: a convolution
   # of x (channels as batch, batch as features) with g (dilated by the stride) as the kernel.
   high = [size + (out - 1) * stride - extent - pad

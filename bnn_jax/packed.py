@@ -233,8 +233,9 @@ class PackedClassifier:
       layer = weights[_path(module)]
       binary_x = binarize.get(module.activation_binarizer)(x)
       if isinstance(module, ExpertBinaryConv):
-        return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer, module.groups, module.kernel_size,
-                                  module.strides, module.kernel_size // 2).astype(module.dtype)
+        return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
+                                  module.groups, module.kernel_size, module.strides,
+                                  module.kernel_size // 2).astype(module.dtype)
       dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
                          module.strides, module.pad_width)
       return (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)

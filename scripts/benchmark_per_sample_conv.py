@@ -3,8 +3,8 @@
     python scripts/benchmark_per_sample_conv.py [--repeats 5]
 
 Times forward + backward (jitted, median of --repeats after a warm-up call) of each sample
-convolved with its own kernel, written two ways: ``vmap`` of a convolution, which JAX lowers to one convolution with
-batch·groups feature groups (the official code's formulation), and
+convolved with its own kernel, written two ways: ``vmap`` of a convolution, which JAX lowers to
+one convolution with batch·groups feature groups (the official code's formulation), and
 :func:`bnn_jax.layers.per_sample_conv2d` (im2col and a batched matmul, what the model uses).
 Both are checked equal first. Prints one row per shape.
 """
