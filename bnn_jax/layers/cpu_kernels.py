@@ -1,0 +1,86 @@
+"""Convolution kernels chosen for XLA:CPU: the plain convolution, and one whose backward reads
+its input from a stored, transposed copy (README, Speed)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+# Conv inputs of this many values and more take cpu_conv2d on CPU (every conv of a ResNet-18 at
+# 224² and batch 16: 16×7×7×256 and up); below, a transposition is cheap and XLA's own backward
+# compiles faster (the test suite's small models).
+STORED_INPUT_MIN_SIZE = 1 << 17
+
+
+def plain_conv(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int = 1) -> jax.Array:
+  """The NHWC ⊛ HWIO convolution, its products summed in at least float32."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(strides, strides), padding=[(pad, pad)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+      preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+
+
+def cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int) -> jax.Array:
+  """An NHWC ⊛ HWIO convolution whose backward reads its input from a copy stored in
+  (C, H, W, N) order in the forward pass.
+
+  XLA:CPU computes a weight gradient from the input transposed to (C, H, W, N) and fuses that
+  transposition with the elementwise ops that produced the input: a residual stream (ReActNet's
+  shift → BatchNorm → add → RPReLU, block after block) is then recomputed in strided order,
+  130 ms for one layer at 224² and batch 16 on a 2-core EPYC. Here the copy is written once
+  (:func:`materialized`), and the weight gradient is the convolution XLA itself lowers it to
+  (the batch contracted), so the values are those of ``jax.vjp`` of the plain convolution, bit
+  for bit. A strided 1×1 convolution reads every s-th pixel only: only those are stored.
+  """
+  return _stored_input_conv(x, kernel, strides, pad, x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _stored_input_conv(x, kernel, strides, pad, shape):
+  del shape  # the backward's: a strided 1×1 convolution stores a subsample of x
+  return plain_conv(x, kernel, strides, pad)
+
+
+def materialized(x: jax.Array) -> jax.Array:
+  """``x``, written out by a matmul with 8×8 identity blocks over its last axis.
+
+  Exact (8 multiply-adds per value), and XLA does not fuse elementwise producers into a dot:
+  whatever reads the result reads stored values instead of recomputing the ops that made ``x``
+  at every use.
+  """
+  block = 8 if x.shape[-1] % 8 == 0 else x.shape[-1]
+  return jnp.einsum("...kd,dc->...kc", x.reshape(x.shape[:-1] + (-1, block)),
+                    jnp.eye(block, dtype=x.dtype),
+                    precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+
+
+def _pointwise(kernel: jax.Array, pad: int) -> bool:
+  """A 1×1 convolution without padding reads every s-th pixel only: it stores just those."""
+  return kernel.shape[0] == 1 and pad == 0
+
+
+def _stored_input_conv_fwd(x, kernel, strides, pad, shape):
+  step = strides if _pointwise(kernel, pad) else 1
+  stored = jnp.transpose(materialized(x[:, ::step, ::step]), (3, 1, 2, 0))
+  return plain_conv(x, kernel, strides, pad), (stored, kernel)
+
+
+def _stored_input_conv_bwd(strides, pad, shape, residuals, g):
+  x_chwn, kernel = residuals
+  _, height, width, _ = x_chwn.shape
+  size, stride = kernel.shape[0], 1 if _pointwise(kernel, pad) else strides  # in x_chwn
+  # dW[i, j, c, o] = Σ_n,h,w x[n, s·h + i − pad, s·w + j − pad, c] · g[n, h, w, o]: a convolution
+  # of x (channels as batch, batch as features) with g (dilated by the stride) as the kernel.
+  high = [size + (out - 1) * stride - extent - pad
+          for out, extent in ((g.shape[1], height), (g.shape[2], width))]
+  d_kernel = jax.lax.conv_general_dilated(
+      x_chwn, jnp.transpose(g, (1, 2, 0, 3)), (1, 1), [(pad, high[0]), (pad, high[1])],
+      rhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  d_x = jax.linear_transpose(lambda x: plain_conv(x, kernel, strides, pad),
+                             jax.ShapeDtypeStruct(shape, g.dtype))(g)[0]
+  return d_x, jnp.transpose(d_kernel, (1, 2, 0, 3))
+
+
+_stored_input_conv.defvjp(_stored_input_conv_fwd, _stored_input_conv_bwd)
