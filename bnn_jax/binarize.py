@@ -11,6 +11,12 @@ bit-packed inference needs). :func:`get` turns what a config names into a
 :class:`Binarizer`: a registered name, a dict ``{"name": ..., **params}`` (e.g.
 ``{"name": "ste_sign", "clip": 1.25}``) or a callable ``f(x)``. A user adds an
 estimator in their own code with ``@binarize.register("my_sign")``.
+
+larq's quantizers keep larq's names, forward and gradient (ties included): ``ste_sign``,
+``approx_sign``, ``swish_sign``, ``ste_heaviside``, ``magnitude_aware_sign``, ``ste_tern`` and
+``dorefa`` (larq's ``DoReFa``), and larq-zoo's ``xnor_weight_scale`` (XNORNet) and
+``magnitude_aware_sign_unclipped`` (DoReFaNet). larq's ``clip_value`` is ``clip`` here
+(``None``, as in larq, clips nothing).
 """
 from __future__ import annotations
 
@@ -142,6 +148,44 @@ def _registered(name: str) -> Binarizer:
     raise ConfigError(f"unknown binarizer {name!r}; valid: {sorted(REGISTRY)}") from None
 
 
+# --- Straight-through estimators --------------------------------------------
+
+
+@jax.custom_vjp
+def straight_through(x, quantized, passes):
+  """``quantized`` forward; backward the upstream gradient to ``x`` where ``passes``, 0 elsewhere.
+
+  The one backward of every clipped STE here (``passes`` is the clip mask) and of larq's rounding
+  with identity gradient (``passes=True``); ``quantized`` itself gets no gradient.
+  """
+  return quantized
+
+
+def _straight_through_fwd(x, quantized, passes):
+  return quantized, passes
+
+
+def _straight_through_bwd(passes, g):
+  return jnp.where(passes, g, jnp.zeros_like(g)), None, None
+
+
+straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+def within_clip(x: jax.Array, clip: Optional[float], closed: bool = True):
+  """Where a clipped STE passes the gradient: |x| ≤ clip (|x| < clip unless ``closed``);
+  everywhere for ``clip=None`` (larq's ``clip_value=None``)."""
+  if clip is None:
+    return True
+  return jnp.abs(x) <= clip if closed else jnp.abs(x) < clip
+
+
+def clip_closed(x: jax.Array, low: float, high: float) -> jax.Array:
+  """clip(x, low, high) with gradient 1 on [low, high], both ties included, as
+  ``tf.clip_by_value``'s (jnp.clip's autodiff halves the gradient at a tie)."""
+  return straight_through(x, jnp.clip(x, low, high), (x >= low) & (x <= high))
+
+
 # --- Sign estimators -------------------------------------------------------
 
 
@@ -174,7 +218,11 @@ def _ede_sign_now(x, ede: EDE):
 @register()
 @jax.custom_vjp
 def approx_sign(x):
-  """Bi-Real Net's ApproxSign: grad = 2 + 2x on [−1, 0), 2 − 2x on [0, 1), 0 elsewhere."""
+  """Bi-Real Net's ApproxSign: grad = 2 + 2x on [−1, 0), 2 − 2x on [0, 1), 0 elsewhere.
+
+  larq's ``approx_sign`` exactly: its 2·(1 − |x|) on |x| ≤ 1 is the same number (doubling is
+  exact), 0 at x = ±1 in both, 2 at x = 0, and sign(0) = +1.
+  """
   return sign(x)
 
 
@@ -192,24 +240,88 @@ approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 
 @register()
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def ste_sign(x, clip: float = 1.0, closed: bool = True):
-  """Clipped straight-through sign (larq's ``ste_sign``): grad passes unchanged where |x| ≤ clip
-  (``closed``), or where |x| < clip (HCEBNN's ``SignActivation``, which zeroes it at ±clip).
-  Real-to-Binary uses clip 1.25."""
+def ste_sign(x, clip: Optional[float] = 1.0, closed: bool = True):
+  """Clipped straight-through sign: grad passes unchanged where |x| ≤ clip (``closed``), or where
+  |x| < clip (HCEBNN's ``SignActivation``, which zeroes it at ±clip); ``clip=None`` everywhere.
+
+  With ``closed`` (the default) it is larq's ``ste_sign`` / ``SteSign(clip_value=clip)`` exactly,
+  ties included (gradient 1 at |x| = clip, sign(0) = +1). Real-to-Binary, ResNetE and QuickNet use
+  clip 1.25, BinaryDenseNet and MeliusNet 1.3.
+  """
+  return straight_through(x, sign(x), within_clip(x, clip, closed))
+
+
+@register()
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def swish_sign(x, beta: float = 5.0):
+  """BNN+'s SwishSign (larq's ``swish_sign``): grad = β·(2 − βx·tanh(βx/2)) / (1 + cosh(βx)),
+  the derivative of 2σ(βx)·(1 + βx·(1 − σ(βx))) − 1, a sign-like curve that sharpens with β
+  (β at x = 0)."""
   return sign(x)
 
 
-def _ste_sign_fwd(x, clip, closed):
+def _swish_sign_fwd(x, beta):
   return sign(x), x
 
 
-def _ste_sign_bwd(clip, closed, x, g):
-  inside = jnp.abs(x) <= clip if closed else jnp.abs(x) < clip
-  return (jnp.where(inside, g, jnp.zeros_like(g)),)
+def _swish_sign_bwd(beta, x, g):
+  bx = beta * x
+  return (g * beta * (2 - bx * jnp.tanh(bx / 2)) / (1 + jnp.cosh(bx)),)
 
 
-ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
+
+
+@register(binary=False)
+def ste_heaviside(x, clip: Optional[float] = 1.0):
+  """larq's ``SteHeaviside``: 1 for x > 0, else 0 (0 at x = 0: {0, 1}, so not binary), with
+  the clipped STE of ``ste_sign``."""
+  return straight_through(x, (x > 0).astype(x.dtype), within_clip(x, clip))
+
+
+@register(binary=False)
+def ste_tern(x, threshold_value: float = 0.05, ternary_weight_networks: bool = False,
+             clip: Optional[float] = 1.0):
+  """larq's ``SteTern``: sign(sign(x − Δ) + sign(x + Δ)) ∈ {−1, 0, +1} (±Δ itself goes to ±1),
+  with the clipped STE of ``ste_sign``.
+
+  Δ is ``threshold_value``, or with ``ternary_weight_networks`` TWN's 0.7·Σ|x| / size over the
+  whole tensor, in larq's order of operations; no gradient flows through Δ.
+  """
+  if ternary_weight_networks:
+    threshold = 0.7 * jnp.sum(jnp.abs(x)) / x.size
+  else:
+    threshold = threshold_value
+  ternary = jnp.sign(jnp.sign(x - threshold) + jnp.sign(x + threshold))
+  return straight_through(x, ternary, within_clip(x, clip))
+
+
+@register(binary=False)
+def dorefa(x, k_bit: int = 2, mode: str = "activations"):
+  """DoReFa-Net's k-bit quantizer (larq's ``DoReFa``): round(u·n)/n, n = 2^k_bit − 1, of u ∈ [0, 1],
+  the rounding straight-through (banker's rounding, as tf.round's).
+
+  ``"activations"``: u = x clipped to [0, 1] (gradient 1 on [0, 1], ties included).
+  ``"weights"``: u = tanh(x) / (2·max|tanh(x)|) + ½ over the whole tensor, the max detached
+  (u = ½ for an all-zero tensor, with no gradient), and the result mapped back to 2q − 1 ∈ [−1, 1].
+  """
+  levels = 2 ** k_bit - 1
+  if mode == "activations":
+    unit = clip_closed(x, 0.0, 1.0)
+  elif mode == "weights":
+    unit = _dorefa_unit_weights(x)
+  else:
+    raise ConfigError(f"dorefa mode {mode!r} is unknown; valid: ['activations', 'weights']")
+  quantized = straight_through(unit, jnp.round(unit * levels) / levels, True)
+  return quantized if mode == "activations" else 2 * quantized - 1
+
+
+def _dorefa_unit_weights(w: jax.Array) -> jax.Array:
+  """tanh(w) / (2·max|tanh(w)|) + ½, the max detached; ½ where the max is 0 (tf.divide_no_nan)."""
+  limited = jnp.tanh(w)
+  peak = jax.lax.stop_gradient(jnp.max(jnp.abs(limited)))
+  nonzero = peak > 0
+  return jnp.where(nonzero, limited / (2 * jnp.where(nonzero, peak, 1)), 0) + 0.5
 
 
 @register(binary=False)
@@ -250,6 +362,36 @@ def irnet_weight(w: jax.Array, ede: EDE) -> jax.Array:
 
 
 @register()
-def scaled_ste_sign(w: jax.Array, clip: float = 1.0) -> jax.Array:
-  """ReActNet / Bi-Real weights: clipped STE sign times detached mean|W| per output channel."""
+@register("magnitude_aware_sign")
+def scaled_ste_sign(w: jax.Array, clip: Optional[float] = 1.0) -> jax.Array:
+  """ReActNet / Bi-Real weights: clipped STE sign times detached mean|W| per output channel.
+
+  Registered also as ``magnitude_aware_sign``: larq's ``MagnitudeAwareSign(clip_value=clip)``
+  (larq-zoo BiRealNet's kernels) is this exactly, its scale averaging every axis but the last.
+  """
   return ste_sign(w, clip) * jax.lax.stop_gradient(_per_out_channel_mean(absolute(w)))
+
+
+magnitude_aware_sign = scaled_ste_sign
+
+
+@register()
+def xnor_weight_scale(w: jax.Array) -> jax.Array:
+  """XNOR-Net's weights as larq-zoo's XNORNet binarizes them: α·ste_sign(W_c), W_c = W clipped
+  to [−1, 1] and α = mean|W_c| per output channel.
+
+  α is not detached: the gradient reaches W through the sign's STE and through α (|·|'s
+  derivative 0 at 0, as tf.abs's), both inside the clip's [−1, 1] (ties included) and 0 outside.
+  larq-zoo averages axes (0, 1, 2) of its conv kernels; all axes but the last is the same there
+  and also serves (in, out) dense kernels.
+  """
+  clipped = clip_closed(w, -1.0, 1.0)
+  return _per_out_channel_mean(absolute(clipped)) * ste_sign(clipped)
+
+
+@register()
+def magnitude_aware_sign_unclipped(w: jax.Array) -> jax.Array:
+  """larq-zoo DoReFaNet's weights: sign(W) times the detached mean|W| of the whole layer (one
+  scale for all channels); backward the identity, neither scaled nor clipped."""
+  scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(w)))
+  return straight_through(w, sign(w) * scale, True)
