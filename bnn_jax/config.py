@@ -112,7 +112,12 @@ def model_section(**fields) -> ml_collections.ConfigDict:
       structure=placeholder(tuple), groups=placeholder(tuple), expansion=placeholder(tuple),
       num_experts=placeholder(int), gate=placeholder(str), use_se=placeholder(bool),
       g_layer=placeholder(bool), downsample_ratio=placeholder(int), stem=placeholder(str),
-      use_only_first=placeholder(bool), released_form=placeholder(bool)))
+      use_only_first=placeholder(bool), released_form=placeholder(bool),
+      # Larq Zoo models (configs/larq_zoo.py) only: larq-zoo's own Fields, by their names, and
+      # width_divisor for the models whose widths larq-zoo writes into its code
+      section_blocks=placeholder(tuple), section_filters=placeholder(tuple),
+      filters=placeholder(int), initial_filters=placeholder(int), growth_rate=placeholder(int),
+      spec=placeholder(tuple), width_divisor=placeholder(int)))
   section.update(fields)
   return section
 

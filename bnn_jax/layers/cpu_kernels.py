@@ -14,12 +14,15 @@ import jax.numpy as jnp
 STORED_INPUT_MIN_SIZE = 1 << 17
 
 
-def plain_conv(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int = 1) -> jax.Array:
-  """The NHWC ⊛ HWIO convolution, its products summed in at least float32."""
+def plain_conv(x: jax.Array, kernel: jax.Array, strides: int, pad, groups: int = 1,
+               dilation: int = 1) -> jax.Array:
+  """The NHWC ⊛ HWIO convolution, its products summed in at least float32. ``pad`` is zero
+  padding on each side of both spatial axes, or ((top, bottom), (left, right))."""
+  padding = [(pad, pad)] * 2 if isinstance(pad, int) else [tuple(p) for p in pad]
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(strides, strides), padding=[(pad, pad)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-      preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+      x, kernel, window_strides=(strides, strides), padding=padding,
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
 
 def cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int) -> jax.Array:

@@ -119,3 +119,52 @@ def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32,
   """BatchNorm with PyTorch's defaults, batch statistics in training (of ghost groups if set)."""
   return BatchNorm(use_running_average=not train, group_size=group_size, dtype=dtype, name=name)
 
+
+
+# TensorFlow's fused BatchNorm kernel (Keras' choice for 4-D inputs) raises epsilon to this.
+FUSED_MIN_EPSILON = 1.001e-5
+
+
+class KerasBatchNorm(nn.Module):
+  """Keras' BatchNormalization (defaults momentum 0.99, epsilon 1e-3), as larq-zoo's models use it.
+
+  Keras' conventions, not PyTorch's: the moving averages move by ``moving − (moving − batch)·(1 −
+  momentum)``; ``center`` / ``scale`` off drop ``beta`` / ``gamma``. On 4-D inputs Keras runs
+  TensorFlow's fused kernel, which raises epsilon to at least 1.001e-5 and hands the moving
+  variance the unbiased batch variance (what larq-zoo's models record; the fixtures' README says
+  biased); other inputs normalise and update with the biased variance.
+  Variables keep Keras' names (``gamma``, ``beta``; ``moving_mean``, ``moving_variance``).
+  """
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  center: bool = True
+  scale: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    gamma = (self.param("gamma", nn.initializers.ones, (features,)) if self.scale
+             else jnp.ones((features,))).astype(compute)
+    beta = (self.param("beta", nn.initializers.zeros, (features,)) if self.center
+            else jnp.zeros((features,))).astype(compute)
+    moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, (features,), jnp.float32)
+    moving_var = self.variable("batch_stats", "moving_variance", jnp.ones, (features,),
+                               jnp.float32)
+    epsilon = max(self.epsilon, FUSED_MIN_EPSILON) if x.ndim == 4 else self.epsilon
+    x = x.astype(compute)
+    if self.use_running_average:
+      return normalized_affine(x, moving_mean.value.astype(compute),
+                               moving_var.value.astype(compute), gamma, beta,
+                               epsilon).astype(self.dtype)
+    y, mean, var = normalize_batch(x[None], gamma, beta, epsilon)
+    if not self.is_initializing():
+      count = math.prod(x.shape[:-1])
+      var = var * (count / max(count - 1, 1)) if x.ndim == 4 else var
+      decay = 1 - self.momentum
+      for moving, batch_value in ((moving_mean, mean), (moving_var, var)):
+        value = batch_value.reshape(features).astype(moving.value.dtype)
+        moving.value = moving.value - (moving.value - value) * decay
+    return y.reshape(x.shape).astype(self.dtype)

@@ -13,8 +13,9 @@ from bnn_jax.models.backbones import (BACKBONES, BLOCK_OUTPUTS, MOBILE_ARCHS, RE
                                      ResArch)
 from bnn_jax.models.classifier import NECKS, Classifier
 from bnn_jax.models.hcebnn import EBResNet, expand_experts
+from bnn_jax.models.larq_zoo import LARQ_ZOO_BACKBONES
 
-BACKBONES = {**BACKBONES, "EBResNet": EBResNet}
+BACKBONES = {**BACKBONES, "EBResNet": EBResNet, **LARQ_ZOO_BACKBONES}
 # Applied to the parameters ``train.load_from`` restores (``train.load_transform``).
 LOAD_TRANSFORMS = {"expand_experts": expand_experts}
 
@@ -57,14 +58,16 @@ def build_model(config: Mapping[str, Any]) -> Classifier:
     raise ConfigError("model config needs num_classes")
   num_classes = options.pop("num_classes")
   neck = options.pop("neck", "gap")
-  if neck not in NECKS:
+  backbone_cls = BACKBONES[backbone_name]
+  if backbone_name in LARQ_ZOO_BACKBONES:  # a whole Keras model: its own classifier
+    neck, options["num_classes"] = None, num_classes
+  elif neck not in NECKS:
     raise ConfigError(f"unknown neck {neck!r}; valid: {list(NECKS)}")
   dtype = options.pop("dtype", "float32")
   dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
   if dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"unknown model.dtype {dtype!r}; valid: {list(COMPUTE_DTYPES)}")
   dtype = jnp.dtype(dtype)
-  backbone_cls = BACKBONES[backbone_name]
   fields = {f.name for f in dataclasses.fields(backbone_cls)} - {"parent", "name", "dtype"}
   unknown = sorted(set(options) - fields)
   if unknown:

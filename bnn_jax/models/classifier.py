@@ -40,17 +40,20 @@ class Head(nn.Module):
 class Classifier(nn.Module):
   """``apply(variables, images, train=..., ede=...)`` → float32 logits (float64 for a float64 model).
 
-  ``ede`` is IR-Net's (k, t); other methods ignore it.
+  ``ede`` is IR-Net's (k, t); other methods ignore it. ``neck=None``: the backbone is a whole
+  model, its classifier included (larq-zoo's), and returns the logits itself.
   """
   backbone: nn.Module
   num_classes: int
-  neck: str = "gap"
+  neck: Optional[str] = "gap"
   bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     x = self.backbone(images.astype(self.dtype), train=train, ede=ede)
+    if self.neck is None:
+      return x.astype(jnp.promote_types(self.dtype, jnp.float32))
     x = Neck(self.neck, self.bn_group_size, self.dtype, name="neck")(x, train=train)
     logits = Head(self.num_classes, self.dtype, name="head")(x)
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
