@@ -13,6 +13,10 @@ MODELS = {
     "quicknet_small": dict(backbone="QuickNet", section_filters=(32, 64, 256, 512)),
     "quicknet": dict(backbone="QuickNet"),
     "quicknet_large": dict(backbone="QuickNet", section_blocks=(6, 8, 12, 6)),
+    "densenet28": dict(backbone="BinaryDenseNet28"),
+    "densenet37": dict(backbone="BinaryDenseNet37"),
+    "densenet37_dilated": dict(backbone="BinaryDenseNet37Dilated"),
+    "densenet45": dict(backbone="BinaryDenseNet45"),
 }
 
 
