@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -249,20 +249,43 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str) -> Dict[str, Any
   ``out`` becomes a workdir that ``python -m bnn_jax.evaluate`` (and ``train.load_from``,
   and a KD teacher) can read: step 0, with the config and the source file as metadata.
   """
-  import json
-
-  from bnn_jax.checkpoint import Checkpoints
   from bnn_jax.data import input_shape
   from bnn_jax.models import abstract_variables, build_model
 
   template = abstract_variables(build_model(config.model), input_shape(config.dataset))
   variables = torch_to_flax(hcebnn_training_keys(load_state_dict(torch_checkpoint)), template)
+  save_converted(config, variables, torch_checkpoint, out)
+  return variables
+
+
+def convert_keras_weights(config, weights: str, out: str) -> Tuple[Dict[str, Any], List[str]]:
+  """Converts a larq-zoo Keras ``.h5`` weight file (``save_weights`` format, with or without the
+  classifier) for the Larq Zoo model ``config`` describes into an Orbax workdir, as
+  :func:`convert_checkpoint`. Returns the variables and the classifier layers a notop file lacks
+  (initialised from ``train.seed``, for fine-tuning)."""
+  from bnn_jax import keras_weights
+  from bnn_jax.data import input_shape
+  from bnn_jax.models import build_model, init_variables
+
+  model, shape = build_model(config.model), input_shape(config.dataset)
+  initial = jax.tree_util.tree_map(np.asarray, init_variables(model, shape, config.train.seed))
+  variables, missing = keras_weights.keras_to_flax(keras_weights.read_h5(weights), model, shape,
+                                                   initial, weights)
+  save_converted(config, variables, weights, out)
+  return variables, missing
+
+
+def save_converted(config, variables: Dict[str, Any], source: str, out: str) -> None:
+  """``variables`` as step 0 of a new workdir ``out``, with the config and the source file."""
+  import json
+
+  from bnn_jax.checkpoint import Checkpoints
+
   state = {"step": np.zeros((), np.int32), "params": variables["params"],
            "batch_stats": variables.get("batch_stats", {})}
-  checkpoints = Checkpoints(out, max_to_keep=None)
-  checkpoints.save(0, state, {"config": json.loads(config.to_json_best_effort()), "step": 0,
-                              "epoch": 0, "converted_from": torch_checkpoint})
-  return variables
+  Checkpoints(out, max_to_keep=None).save(
+      0, state, {"config": json.loads(config.to_json_best_effort()), "step": 0, "epoch": 0,
+                 "converted_from": source})
 
 
 def main():
@@ -273,15 +296,27 @@ def main():
   config = cli.config_flag("Config of the model the checkpoint holds.")
   torch_checkpoint = flags.DEFINE_string("torch-checkpoint", None,
                                          "A .pth (mmcls or torchvision) or .npz state dict.")
+  keras = flags.DEFINE_string("keras-weights", None,
+                              "A larq-zoo Keras .h5 weight file (with or without top).")
   out = flags.DEFINE_string("out", None, "Directory for the Orbax checkpoint (a workdir).")
 
   def body():
-    variables = convert_checkpoint(config.value, torch_checkpoint.value, out.value)
+    if (torch_checkpoint.value is None) == (keras.value is None):
+      raise ConfigError("give one of --torch-checkpoint and --keras-weights")
+    missing = []
+    if keras.value:
+      variables, missing = convert_keras_weights(config.value, keras.value, out.value)
+    else:
+      variables = convert_checkpoint(config.value, torch_checkpoint.value, out.value)
     count = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables["params"]))
-    print(f"converted {torch_checkpoint.value}: {count:,} parameters of {config.value.model.arch} "
-          f"-> {out.value}/checkpoints/0")
+    model = config.value.model
+    print(f"converted {keras.value or torch_checkpoint.value}: {count:,} parameters of "
+          f"{model.arch or model.backbone} -> {out.value}/checkpoints/0")
+    if missing:
+      print(f"the file has no classifier (a notop file): {', '.join(missing)} initialised "
+            f"(seed {config.value.train.seed}), for fine-tuning")
 
-  cli.run(body, required=(config, torch_checkpoint, out), errors=(ConfigError, FileNotFoundError))
+  cli.run(body, required=(config, out), errors=(ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":
