@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax import keras_weights
+from bnn_jax import bops, keras_weights
 from bnn_jax.config import load_config
 from bnn_jax.errors import ConfigError
 from bnn_jax.models import abstract_variables, build_model
@@ -66,17 +66,20 @@ def _count(tree) -> int:
 
 
 @pytest.mark.parametrize("name", COUNT_NAMES)
-def test_full_size_parameter_counts(name):
+def test_full_size_counts(name):
   """Trainable = our params; non-trainable = BatchNorm statistics plus fixed kernels (QuickNet's
-  blur pool), as Keras' count_params() counts them."""
+  blur pool), as Keras' count_params() counts them; BOPs from our jaxpr walk = larq's ModelProfile
+  binary MACs (within 1%), all from shapes alone."""
   expected = json.loads(COUNTS.read_text())[name]
   model = build_model(load_config(f"larq_zoo:{name}").model)
-  variables = abstract_variables(model, (1, 224, 224, 3))
-  assert _count(variables["params"]) == expected["params_trainable"]
-  from bnn_jax.keras_weights import weighted_layers
-  fixed = sum(np.prod(layer.constants[n].shape) for layer in weighted_layers(model, (1, 224, 224, 3))
-              for n in layer.constants)
-  assert _count(variables["batch_stats"]) + fixed == expected["params_non_trainable"]
+  shape = (1, 224, 224, 3)
+  variables = abstract_variables(model, shape)
+  fixed = sum(np.prod(layer.constants[n].shape)
+              for layer in keras_weights.weighted_layers(model, shape) for n in layer.constants)
+  report = bops.analyze_model(model, shape)
+  assert (report.params, _count(variables["batch_stats"]) + fixed) == (
+      expected["params_trainable"], expected["params_non_trainable"])
+  assert report.bops == pytest.approx(expected["binary_macs"], rel=0.01)
 
 
 def test_full_size_file_of_another_session_and_notop_file_convert(tmp_path):
