@@ -17,6 +17,8 @@ MODELS = {
     "densenet37": dict(backbone="BinaryDenseNet37"),
     "densenet37_dilated": dict(backbone="BinaryDenseNet37Dilated"),
     "densenet45": dict(backbone="BinaryDenseNet45"),
+    "resnet_e18": dict(backbone="BinaryResNetE", num_layers=18),
+    "birealnet": dict(backbone="BiRealNet"),
 }
 
 
