@@ -19,6 +19,13 @@ MODELS = {
     "densenet45": dict(backbone="BinaryDenseNet45"),
     "resnet_e18": dict(backbone="BinaryResNetE", num_layers=18),
     "birealnet": dict(backbone="BiRealNet"),
+    # RealToBinaryNet, and the earlier stages of its multi-stage recipe by larq-zoo's model_name
+    "real_to_binary": dict(backbone="RealToBinNet", model_name="r2b_bnn"),
+    "real_to_binary_ban": dict(backbone="RealToBinNet", model_name="r2b_ban"),
+    "real_to_binary_fp": dict(backbone="RealToBinNet", model_name="r2b_fp"),
+    "strong_baseline_bnn": dict(backbone="RealToBinNet", model_name="baseline_bnn"),
+    "strong_baseline_ban": dict(backbone="RealToBinNet", model_name="baseline_ban"),
+    "resnet18_fp": dict(backbone="RealToBinNet", model_name="resnet_fp"),
 }
 
 

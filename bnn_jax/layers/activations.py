@@ -31,6 +31,20 @@ class PReLU(nn.Module):
     return jnp.where(x > 0, x, slope * x)
 
 
+class KerasPReLU(nn.Module):
+  """Keras' PReLU: slopes ``alpha`` (initialised to 0) of the input's shape without the batch
+  axis, size 1 along ``shared_axes`` (Keras' numbering: batch = 0). Computed as Keras does,
+  relu(x) − alpha·relu(−x), so the derivative at exactly 0 is 0, as TensorFlow's."""
+  shared_axes: tuple = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = tuple(1 if axis in self.shared_axes else size
+                  for axis, size in enumerate(x.shape) if axis > 0)
+    alpha = self.param("alpha", nn.initializers.zeros, shape).astype(x.dtype)
+    return nn.relu(x) - alpha * nn.relu(-x)
+
+
 class RPReLU(nn.Module):
   """ReActNet's RPReLU: shift → PReLU → shift."""
 

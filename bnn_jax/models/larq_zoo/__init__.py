@@ -4,6 +4,7 @@ from bnn_jax.models.larq_zoo.birealnet import BiRealNet
 from bnn_jax.models.larq_zoo.densenet import (BinaryDenseNet28, BinaryDenseNet37,
                                               BinaryDenseNet37Dilated, BinaryDenseNet45)
 from bnn_jax.models.larq_zoo.quicknet import QuickNet
+from bnn_jax.models.larq_zoo.real_to_bin_nets import RealToBinNet
 from bnn_jax.models.larq_zoo.resnet_e import BinaryResNetE
 
 # backbone name (model.backbone) -> module; each is a whole model (classifier included)
@@ -11,4 +12,5 @@ LARQ_ZOO_BACKBONES = {"QuickNet": QuickNet,
                       "BinaryDenseNet28": BinaryDenseNet28, "BinaryDenseNet37": BinaryDenseNet37,
                       "BinaryDenseNet37Dilated": BinaryDenseNet37Dilated,
                       "BinaryDenseNet45": BinaryDenseNet45,
-                      "BinaryResNetE": BinaryResNetE, "BiRealNet": BiRealNet}
+                      "BinaryResNetE": BinaryResNetE, "BiRealNet": BiRealNet,
+                      "RealToBinNet": RealToBinNet}

@@ -25,6 +25,7 @@ import numpy as np
 
 from bnn_jax.binarize import BinarizerSpec
 from bnn_jax.errors import ConfigError
+from bnn_jax.layers.activations import KerasPReLU
 from bnn_jax.layers.norm import KerasBatchNorm
 from bnn_jax.layers.quant import QuantConv, QuantDense, glorot_uniform, spatial_padding
 
@@ -84,15 +85,26 @@ class Graph:
     """Marks the layers from here on as the classifier ("include_top" in larq-zoo)."""
     self._in_top = True
 
-  def op(self, kind: str, function: Callable, *inputs: jax.Array) -> jax.Array:
-    """A weightless Keras layer of ``kind`` computing ``function(*inputs)``."""
-    return self._record(kind, inputs, function(*inputs))
+  def op(self, kind: str, function: Callable, *inputs: jax.Array,
+         name: Optional[str] = None) -> jax.Array:
+    """A weightless Keras layer of ``kind`` computing ``function(*inputs)``. Every method takes
+    ``name``: the name larq-zoo gives the layer, if it gives one (Keras' automatic names then
+    skip it, as Keras' do)."""
+    return self._record(kind, inputs, function(*inputs), name)
+
+  def custom(self, kind: str, module: Callable[..., nn.Module], *inputs: jax.Array,
+             weights: Sequence[str], name: Optional[str] = None) -> jax.Array:
+    """A Keras layer with weights that a model defines itself: ``module(name=...)`` makes its
+    Flax module, whose params are ``weights`` in Keras' order."""
+    name = name or self.name(kind)
+    return self._record(kind, inputs, module(name=name)(*inputs), name, _params(weights))
 
   # --- layers with weights ----------------------------------------------------------------
 
   def _conv(self, kind: str, x, features: int, kernel_size: int, *, depthwise: bool,
-            activation: Optional[str] = None, use_bias: bool = True, **options) -> jax.Array:
-    name = self.name(kind)
+            activation: Optional[str] = None, use_bias: bool = True, name: Optional[str] = None,
+            **options) -> jax.Array:
+    name = name or self.name(kind)
     y = QuantConv(features, kernel_size, depthwise=depthwise, use_bias=use_bias,
                   dtype=self.dtype, name=name, **options)(x)
     y = activate(activation, y)
@@ -129,8 +141,8 @@ class Graph:
                         {"depthwise_kernel": kernel})
 
   def _dense(self, kind: str, x, units: int, activation: Optional[str] = None,
-             use_bias: bool = True, **options) -> jax.Array:
-    name = self.name(kind)
+             use_bias: bool = True, name: Optional[str] = None, **options) -> jax.Array:
+    name = name or self.name(kind)
     y = activate(activation, QuantDense(units, use_bias=use_bias, dtype=self.dtype, name=name,
                                         **options)(x))
     return self._record(kind, (x,), y, name, _params(["kernel"] + ["bias"] * use_bias))
@@ -144,23 +156,31 @@ class Graph:
     return self._dense("quant_dense", x, units, **options)
 
   def batch_normalization(self, x, momentum: float = 0.99, epsilon: float = 1e-3,
-                          center: bool = True, scale: bool = True) -> jax.Array:
+                          center: bool = True, scale: bool = True,
+                          name: Optional[str] = None) -> jax.Array:
     """Keras' BatchNormalization (:class:`~bnn_jax.layers.KerasBatchNorm`)."""
-    name = self.name("batch_normalization")
+    name = name or self.name("batch_normalization")
     y = KerasBatchNorm(not self.train, momentum, epsilon, center, scale, self.dtype, name=name)(x)
     weights = _params(["gamma"] * scale + ["beta"] * center)
     weights += [("batch_stats", "moving_mean"), ("batch_stats", "moving_variance")]
     return self._record("batch_normalization", (x,), y, name, weights)
 
+  def p_re_lu(self, x, shared_axes: Sequence[int] = (), name: Optional[str] = None) -> jax.Array:
+    """Keras' PReLU (slopes ``alpha`` initialised to 0, one per position outside
+    ``shared_axes``, which count the batch axis as 0, as Keras')."""
+    name = name or self.name("p_re_lu")
+    y = KerasPReLU(tuple(shared_axes), name=name)(x)
+    return self._record("p_re_lu", (x,), y, name, _params(["alpha"]))
+
   # --- weightless layers --------------------------------------------------------------------
 
-  def activation(self, x, function: str) -> jax.Array:
+  def activation(self, x, function: str, name: Optional[str] = None) -> jax.Array:
     """Keras' Activation layer."""
-    return self.op("activation", lambda v: activate(function, v), x)
+    return self.op("activation", lambda v: activate(function, v), x, name=name)
 
-  def add(self, *xs) -> jax.Array:
+  def add(self, *xs, name: Optional[str] = None) -> jax.Array:
     """Keras' Add layer (``tf.keras.layers.add``)."""
-    return self.op("add", lambda *v: sum(v[1:], v[0]), *xs)
+    return self.op("add", lambda *v: sum(v[1:], v[0]), *xs, name=name)
 
   def plus(self, x, y) -> jax.Array:
     """``x + y`` written on Keras tensors (a TFOpLambda layer)."""
@@ -171,37 +191,40 @@ class Graph:
     return self.op("concatenate", lambda *v: jnp.concatenate(v, axis=-1), *xs)
 
   def max_pool2d(self, x, pool_size: int, strides: Optional[int] = None,
-                 padding: str = "valid") -> jax.Array:
+                 padding: str = "valid", name: Optional[str] = None) -> jax.Array:
     """Keras' MaxPool2D (strides default to the pool size); "same" padding never wins."""
     strides = strides or pool_size
     pads = spatial_padding(x.shape, padding, pool_size, strides)
     return self.op("max_pooling2d", lambda v: nn.max_pool(v, (pool_size,) * 2, (strides,) * 2,
-                                                          pads), x)
+                                                          pads), x, name=name)
 
   def average_pool2d(self, x, pool_size: int, strides: Optional[int] = None,
-                     padding: str = "valid") -> jax.Array:
+                     padding: str = "valid", name: Optional[str] = None) -> jax.Array:
     """Keras' AvgPool2D; "same" padding is left out of each average, as TensorFlow's."""
     strides = strides or pool_size
     pads = spatial_padding(x.shape, padding, pool_size, strides)
     return self.op("average_pooling2d", lambda v: nn.avg_pool(
-        v, (pool_size,) * 2, (strides,) * 2, pads, count_include_pad=False), x)
+        v, (pool_size,) * 2, (strides,) * 2, pads, count_include_pad=False), x, name=name)
 
-  def flatten(self, x) -> jax.Array:
+  def flatten(self, x, name: Optional[str] = None) -> jax.Array:
     """Keras' Flatten (row-major over H, W, C, as TensorFlow's NHWC)."""
-    return self.op("flatten", lambda v: v.reshape(v.shape[0], -1), x)
+    return self.op("flatten", lambda v: v.reshape(v.shape[0], -1), x, name=name)
 
-  def reshape(self, x, shape: Sequence[int]) -> jax.Array:
+  def reshape(self, x, shape: Sequence[int], name: Optional[str] = None) -> jax.Array:
     """Keras' Reshape (``shape`` without the batch axis)."""
-    return self.op("reshape", lambda v: v.reshape((v.shape[0], *shape)), x)
+    return self.op("reshape", lambda v: v.reshape((v.shape[0], *shape)), x, name=name)
 
-  def global_pool(self, x) -> jax.Array:
-    """larq-zoo's ``utils.global_pool``: an average pool over the whole map, then Flatten."""
-    return self.flatten(self.average_pool2d(x, x.shape[1], 1))
+  def global_pool(self, x, name: Optional[str] = None) -> jax.Array:
+    """larq-zoo's ``utils.global_pool``: an average pool over the whole map, then Flatten
+    (named ``<name>_pool`` and ``<name>_flatten`` when given a name)."""
+    pooled = self.average_pool2d(x, x.shape[1], 1, name=name and f"{name}_pool")
+    return self.flatten(pooled, name=name and f"{name}_flatten")
 
-  def logits(self, x) -> jax.Array:
-    """The model's final ``Activation("softmax")``: recorded (the saved model has the layer) but
-    not applied, since bnn_jax's models return logits (the loss applies the softmax)."""
-    return self.op("activation", lambda v: v, x)
+  def logits(self, x, kind: str = "activation", name: Optional[str] = None) -> jax.Array:
+    """The model's final ``Activation("softmax")`` (or ``kind="softmax"``, a Softmax layer):
+    recorded (the saved model has the layer) but not applied, since bnn_jax's models return
+    logits (the loss applies the softmax)."""
+    return self.op(kind, lambda v: v, x, name=name)
 
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid, "softmax": nn.softmax}
