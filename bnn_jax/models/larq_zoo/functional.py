@@ -42,6 +42,7 @@ class Layer:
   weights: Tuple[Tuple[str, str], ...] = ()
   constants: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   top: bool = False  # part of the classifier (absent from a larq-zoo "notop" file)
+  tied: bool = False  # a max pool with a window whose maximum is reached twice (once run)
 
 
 _RECORDING: contextvars.ContextVar = contextvars.ContextVar("keras_graph", default=None)
@@ -195,8 +196,15 @@ class Graph:
     """Keras' MaxPool2D (strides default to the pool size); "same" padding never wins."""
     strides = strides or pool_size
     pads = spatial_padding(x.shape, padding, pool_size, strides)
-    return self.op("max_pooling2d", lambda v: nn.max_pool(v, (pool_size,) * 2, (strides,) * 2,
-                                                          pads), x, name=name)
+    y = self.op("max_pooling2d", lambda v: nn.max_pool(v, (pool_size,) * 2, (strides,) * 2,
+                                                       pads), x, name=name)
+    if self._layers is not None:  # when the recorded graph is run: does a window tie?
+      layer = self._layers[-1]
+
+      def note_ties(value):
+        layer.tied = has_tied_windows(np.asarray(value), pool_size, strides, pads)
+      jax.debug.callback(note_ties, x)
+    return y
 
   def average_pool2d(self, x, pool_size: int, strides: Optional[int] = None,
                      padding: str = "valid", name: Optional[str] = None) -> jax.Array:
@@ -237,6 +245,22 @@ def activate(function: Optional[str], x: jax.Array) -> jax.Array:
   if function not in ACTIVATIONS:
     raise ConfigError(f"unknown activation {function!r}; valid: {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[function](x)
+
+
+def has_tied_windows(x: np.ndarray, pool_size: int, strides: int, pads, rtol: float = 1e-5
+                     ) -> bool:
+  """Whether a max pool over ``x`` has a window whose two largest inputs agree up to float
+  rounding (``rtol`` of the channel's largest magnitude). Binary convolutions make such ties
+  common; which input then gets the gradient depends on how each framework rounded its sums."""
+  x = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-np.inf)
+  rows, cols = ((n - pool_size) // strides + 1 for n in x.shape[1:3])
+  def span(start, count):
+    return slice(start, start + strides * (count - 1) + 1, strides)
+  taps = np.stack([x[:, span(i, rows), span(j, cols)]
+                   for i in range(pool_size) for j in range(pool_size)])
+  second, first = np.sort(taps, axis=0)[-2:]
+  scale = np.abs(np.where(np.isfinite(x), x, 0)).max(axis=(0, 1, 2))
+  return bool(np.any(first - second <= rtol * scale))
 
 
 def _params(names: Sequence[str]) -> List[Tuple[str, str]]:
