@@ -117,7 +117,9 @@ def model_section(**fields) -> ml_collections.ConfigDict:
       # width_divisor for the models whose widths larq-zoo writes into its code
       section_blocks=placeholder(tuple), section_filters=placeholder(tuple),
       filters=placeholder(int), initial_filters=placeholder(int), growth_rate=placeholder(int),
-      spec=placeholder(tuple), width_divisor=placeholder(int), num_layers=placeholder(int),
+      spec=placeholder(tuple), width_divisor=placeholder(int),
+      inflation_ratio=placeholder(int), activations_k_bit=placeholder(int),
+      num_layers=placeholder(int),
       model_name=placeholder(str), momentum=placeholder(float), scaling_r=placeholder(int)))
   section.update(fields)
   return section
