@@ -10,7 +10,6 @@ from bnn_jax import bops, keras_weights
 from bnn_jax.config import load_config
 from bnn_jax.errors import ConfigError
 from bnn_jax.models import abstract_variables, build_model
-from bnn_jax.parity import OUTPUT_RTOL
 from bnn_jax.parity_larq import check_larq_fixture, model_config
 from conftest import SHARED
 
@@ -20,20 +19,12 @@ FIXTURES = sorted(p.name for p in LARQ_DIR.glob("*.npz")) if LARQ_DIR.exists() e
 COUNT_NAMES = sorted(json.loads(COUNTS.read_text())) if COUNTS.exists() else []
 
 
-# Gradients that TensorFlow itself computes otherwise with another CPU kernel: in this fixture one
-# max-pool window of QuickNet's first transition holds a near-tie (0.7014947 vs 0.70149183) that
-# TensorFlow's oneDNN BatchNorm rounding decides one way and its Eigen kernel
-# (TF_ENABLE_ONEDNN_OPTS=0), like bnn_jax, the other: the gradient of every layer before it moves
-# by 2-6% (README, "Larq Zoo"). Outputs, statistics and all later gradients are checked as usual.
-ROUNDING_DECIDED_GRADIENTS = {"quicknet.npz"}
-
-
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_parity_with_larq_zoo(fixture):
+  """Every output strictly; gradients upstream of a max pool whose window ties to float rounding
+  are shown, not compared (``parity_larq.tie_routed``: TensorFlow's own kernels route them
+  differently, README "Larq Zoo")."""
   report = check_larq_fixture(str(LARQ_DIR / fixture))
-  assert all(err <= OUTPUT_RTOL for err in report.outputs.values()), "\n".join(report.lines())
-  if fixture in ROUNDING_DECIDED_GRADIENTS and not report.passed:
-    pytest.xfail("gradients before a near-tie max pool: " + report.lines()[-1])
   assert report.passed, "\n".join(report.lines())
 
 
