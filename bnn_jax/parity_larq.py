@@ -63,11 +63,12 @@ def check_larq_fixture(npz_path: str) -> ParityReport:
                                 train=True, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, state)
 
-  once = run_once_compiler_options()
-  (loss, (logits_train, state)), grads = jax.jit(
-      jax.value_and_grad(train_loss, has_aux=True), compiler_options=once)(params)
-  logits_eval = jax.jit(lambda v: model.apply(v, images, train=False),
-                        compiler_options=once)(variables)
+  def both(variables):  # one program: the train-mode step and the eval logits
+    step = jax.value_and_grad(train_loss, has_aux=True)(variables["params"])
+    return step, model.apply(variables, images, train=False)
+
+  ((loss, (logits_train, state)), grads), logits_eval = jax.jit(
+      both, compiler_options=run_once_compiler_options())(variables)
   outputs = {name: relative_error(value, fixture[name]) for name, value in
              (("logits_eval", logits_eval), ("logits_train", logits_train), ("loss_train", loss))
              if name in fixture}
