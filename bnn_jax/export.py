@@ -44,7 +44,7 @@ def main():
   def body():
     sizes = export(config.value, workdir.value, out.value, step.value)
     mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
-    print(f"step {sizes['step']}: {sizes['binary_layers']} binary convolutions packed -> {out.value}: "
+    print(f"step {sizes['step']}: {sizes['binary_layers']} binary layers packed -> {out.value}: "
           f"{mib(sizes['file_bytes'])}; float variables {mib(sizes['float_variables_bytes'])} "
           f"({sizes['float_variables_bytes'] / sizes['file_bytes']:.1f}x larger); checkpoint with "
           f"optimizer state {mib(sizes['checkpoint_bytes'])}")

@@ -1,11 +1,14 @@
-"""Bit-packed inference: binary convolutions as XNOR-popcount on 32-bit words, exactly.
+"""Bit-packed inference: binary layers as XNOR-popcount on 32-bit words, exactly.
 
 The dot product of K values ±1 is K − 2·popcount(a XOR w) on their bits (bit 1 = +1, sign(0) = +1
 as everywhere in bnn_jax). Activations are packed along channels (channels last, words innermost),
 weights along input channels; a binary weight binarizer's output is ±α per output channel, so the
-convolution is α·dot. Zero padding is neither +1 nor −1: padded positions are packed as −1 (all bits
-0) and each output subtracts, exactly, what the padded taps contributed. Everything that is not a
-binary convolution (stem, shortcuts, BatchNorm, PReLU, head) runs as in the float model.
+layer is α·dot. Padding by ±1 (QuickNet pads with +1) packs the padded positions as those bits and
+is exact as is. Zero padding is neither +1 nor −1: padded positions are packed as −1 (all bits 0)
+and each output subtracts, exactly, what the padded taps contributed. Binary layers are bnn_jax's
+BinaryConv and ExpertBinaryConv and larq's QuantConv (regular, depthwise, strided, dilated, with
+TensorFlow's asymmetric "same" padding) and QuantDense; everything else (stem, shortcuts,
+BatchNorm, PReLU, head) runs as in the float model.
 
     logits = packed.packed_model(model, variables, images.shape)(images)
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -24,9 +27,18 @@ import numpy as np
 from bnn_jax import binarize
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import BinaryConv, ExpertBinaryConv, chosen_experts
+from bnn_jax.layers.quant import QuantConv, QuantDense, spatial_padding
 from bnn_jax.models import build_model
 
 WORD_BITS = 32
+Pads = Tuple[Tuple[int, int], Tuple[int, int]]  # ((top, bottom), (left, right))
+NO_PADS: Pads = ((0, 0), (0, 0))
+PAD_VALUES = (0.0, 1.0, -1.0)  # what a packed layer may pad its ±1 input with
+
+
+def symmetric(padding: int) -> Pads:
+  """``padding`` on each side of both spatial axes."""
+  return (padding, padding), (padding, padding)
 
 
 def pack(x: jax.Array) -> jax.Array:
@@ -46,42 +58,59 @@ def pack(x: jax.Array) -> jax.Array:
   return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-def _taps(padded: jax.Array, kernel_size: int, strides: int, out_shape) -> Sequence[jax.Array]:
-  """The kernel_size² shifted (and strided) views of a spatially padded NHWC tensor, row-major."""
+def output_shape(in_shape, kernel_size: int, strides: int, pads: Pads, dilation: int):
+  """(H', W') of a convolution of an (H, W) input."""
+  extent = (kernel_size - 1) * dilation + 1
+  return tuple((size + sum(pad) - extent) // strides + 1 for size, pad in zip(in_shape, pads))
+
+
+def _taps(padded: jax.Array, kernel_size: int, strides: int, dilation: int,
+          out_shape) -> Sequence[jax.Array]:
+  """The kernel_size² shifted (dilated, strided) views of a spatially padded NHWC tensor,
+  row-major."""
   rows, cols = out_shape
   return [padded[:, i:i + strides * (rows - 1) + 1:strides, j:j + strides * (cols - 1) + 1:strides]
-          for i, j in itertools.product(range(kernel_size), repeat=2)]
+          for i, j in itertools.product(range(0, dilation * kernel_size, dilation), repeat=2)]
+
+
+def _inside(in_shape, pads: Pads) -> np.ndarray:
+  """(1, H + pads, W + pads, 1): 1 on the real input, 0 on the padding."""
+  return np.pad(np.ones(in_shape, np.int32), pads)[None, ..., None]
 
 
 def padding_correction(weight_bits: jax.Array, channels: int, in_shape, kernel_size: int,
-                       strides: int, padding: int) -> jax.Array:
+                       strides: int, pads: Pads, dilation: int = 1) -> jax.Array:
   """(H', W', O) int32: what the taps in the zero padding added when packed as −1, which is
-  Σ_c w_c = C − 2·ones(w) per tap and output channel (``weight_bits``: (taps, words, O))."""
+  −Σ_c w_c = C − 2·ones(w) per tap and output channel (``weight_bits``: (taps, words, O))."""
   tap_sums = channels - 2 * jnp.sum(jax.lax.population_count(weight_bits), axis=1, dtype=jnp.int32)
-  inside = np.pad(np.ones(in_shape, np.int32), padding)[None, ..., None]  # 1 on the real input
-  rows = (in_shape[0] + 2 * padding - kernel_size) // strides + 1
-  cols = (in_shape[1] + 2 * padding - kernel_size) // strides + 1
-  in_padding = 1 - np.concatenate(_taps(inside, kernel_size, strides, (rows, cols)), axis=-1)[0]
+  out_shape = output_shape(in_shape, kernel_size, strides, pads, dilation)
+  taps = _taps(_inside(in_shape, pads), kernel_size, strides, dilation, out_shape)
+  in_padding = 1 - np.concatenate(taps, axis=-1)[0]
   return jnp.asarray(in_padding) @ tap_sums  # (H', W', taps) @ (taps, O)
 
 
 def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: int, kernel_size: int,
-                strides: int = 1, padding: int = 0) -> jax.Array:
-  """A ±1 convolution on packed bits: K − 2·popcount(a XOR w) per output, zero padding exact.
+                strides: int = 1, pads: Pads = NO_PADS, pad_value: float = 0.0,
+                dilation: int = 1) -> jax.Array:
+  """A ±1 convolution on packed bits: K − 2·popcount(a XOR w) per output, padding exact.
 
   Args:
     activation_bits: (N, H, W, words) from :func:`pack`.
     weight_bits: (k·k, words, O), the packed HWIO kernel (:func:`packed_weights`).
     channels: the input channels before packing.
-    kernel_size, strides, padding: as the float convolution's (padding on each side).
+    kernel_size, strides, dilation: as the float convolution's.
+    pads: ((top, bottom), (left, right)), e.g. TensorFlow's asymmetric "same" padding.
+    pad_value: what the padding holds, one of :data:`PAD_VALUES`: ±1 is packed as such; 0 as −1,
+      then corrected.
   Returns:
     int32 (N, H', W', O): the exact dot products of the ±1 convolution.
   """
   _, height, width, _ = activation_bits.shape
-  rows = (height + 2 * padding - kernel_size) // strides + 1
-  cols = (width + 2 * padding - kernel_size) // strides + 1
-  padded = jnp.pad(activation_bits, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  patches = jnp.concatenate(_taps(padded, kernel_size, strides, (rows, cols)), axis=-1)
+  out_shape = output_shape((height, width), kernel_size, strides, pads, dilation)
+  padded = jnp.pad(activation_bits, ((0, 0), *pads, (0, 0)))  # padding as −1 (all bits 0)
+  if pad_value == 1 and pads != NO_PADS:  # as +1: every channel's bit set
+    padded = jnp.where(_inside((height, width), pads) == 1, padded, pack(jnp.ones((channels,))))
+  patches = jnp.concatenate(_taps(padded, kernel_size, strides, dilation, out_shape), axis=-1)
   flat_weights = weight_bits.reshape(-1, weight_bits.shape[-1])  # (taps·words, O)
 
   # One word at a time, output channels innermost: XLA:CPU vectorises XOR + popcount across the
@@ -95,10 +124,29 @@ def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: in
   mismatches = jax.lax.fori_loop(0, flat_weights.shape[0], add_word,
                                  jnp.zeros(patches.shape[:3] + flat_weights.shape[1:], jnp.int32))
   dots = kernel_size * kernel_size * channels - 2 * mismatches
-  if padding:
+  if pad_value == 0 and pads != NO_PADS:
     dots = dots - padding_correction(weight_bits, channels, (height, width), kernel_size, strides,
-                                     padding)
+                                     pads, dilation)
   return dots
+
+
+def packed_grouped_conv(binary_x: jax.Array, weight_bits: jax.Array, **geometry) -> jax.Array:
+  """A grouped ±1 convolution (a depthwise one: one input channel per group), each group on
+  :func:`packed_conv`.
+
+  Args:
+    binary_x: ±1, NHWC; its channels split evenly into the groups.
+    weight_bits: (groups, k·k, words, O/groups) (:func:`packed_grouped_weights`).
+    geometry: :func:`packed_conv`'s kernel_size, strides, pads, pad_value, dilation.
+  Returns:
+    int32 (N, H', W', O): group j's outputs are channels j·O/groups onwards.
+  """
+  batch, height, width, channels = binary_x.shape
+  groups = weight_bits.shape[0]
+  activations = pack(binary_x.reshape(batch, height, width, groups, channels // groups))
+  one = functools.partial(packed_conv, channels=channels // groups, **geometry)
+  dots = jax.vmap(one, in_axes=(3, 0), out_axes=3)(activations, weight_bits)  # (N, H', W', g, O/g)
+  return dots.reshape(dots.shape[:3] + (-1,))
 
 
 def packed_weights(binary_kernel: jax.Array):
@@ -113,97 +161,145 @@ def packed_weights(binary_kernel: jax.Array):
   return jnp.transpose(bits, (0, 2, 1)), scale
 
 
-def packed_expert_weights(binary_kernels: jax.Array, groups: int):
-  """(bits (E, groups, k·k, words, O/groups), scale (E, O)) of the binarized expert kernels
-  (E, k, k, C/groups, O) of an :class:`ExpertBinaryConv`: each group of each expert packed as
-  its own convolution (group j: output channels j·O/groups onwards, all C/groups inputs)."""
-  experts, k, _, inputs, out = binary_kernels.shape
-  per_group = binary_kernels.reshape(experts, k, k, inputs, groups, out // groups)
-  bits, scale = jax.vmap(jax.vmap(packed_weights, in_axes=3))(per_group)  # over experts, groups
-  return bits, scale.reshape(experts, out)
+def packed_grouped_weights(binary_kernel: jax.Array, groups: int):
+  """(bits (groups, k·k, words, O/groups), scale (O,)) of a binarized grouped HWIO kernel
+  (k, k, C/groups, O): each group packed as its own convolution."""
+  k, _, inputs, out = binary_kernel.shape
+  per_group = binary_kernel.reshape(k, k, inputs, groups, out // groups)
+  bits, scale = jax.vmap(packed_weights, in_axes=3)(per_group)
+  return bits, scale.reshape(out)
 
 
 def packed_expert_conv(binary_x: jax.Array, choice: jax.Array, layer: Dict[str, jax.Array],
-                       groups: int, kernel_size: int, strides: int, padding: int) -> jax.Array:
+                       kernel_size: int, strides: int) -> jax.Array:
   """Sample b of ``binary_x`` (±1, NHWC) convolved on bits with expert ``choice[b]``'s packed
-  kernel, group by group; float32 ``scale · dot`` (the layer of :func:`packed_expert_weights`)."""
-  batch, height, width, channels = binary_x.shape
-  inputs = channels // groups
-  activations = pack(binary_x.reshape(batch, height, width, groups, inputs))  # (B, H, W, g, words)
-  one = lambda a, w: packed_conv(a[None], w, inputs, kernel_size, strides, padding)[0]  # noqa: E731
-  per_group = jax.vmap(one, in_axes=(2, 0), out_axes=2)  # over groups
-  dots = jax.vmap(per_group)(activations, layer["bits"][choice])  # (B, H', W', g, O/g)
-  dots = dots.reshape(dots.shape[:3] + (-1,))
+  grouped kernel; float32 ``scale · dot`` (``layer``: bits (E, groups, k·k, words, O/groups),
+  scale (E, O), :func:`packed_grouped_weights` of every expert)."""
+  def one(x, bits):
+    return packed_grouped_conv(x[None], bits, kernel_size=kernel_size, strides=strides,
+                               pads=symmetric(kernel_size // 2))[0]
+  dots = jax.vmap(one)(binary_x, layer["bits"][choice])
   return dots.astype(jnp.float32) * layer["scale"][choice][:, None, None, :]
 
 
-def is_binary_conv(module: BinaryConv) -> bool:
+# --- Which layers are packed, and how ---------------------------------------------------
+
+# The methods bit-packed inference replaces: a layer's forward, an ExpertBinaryConv's convolution.
+_PACKED_METHODS = {BinaryConv: "__call__", ExpertBinaryConv: "convolve", QuantConv: "__call__",
+                   QuantDense: "__call__"}
+
+
+def _quantizers(module: nn.Module):
+  """(activation, weight) binarizer specs of a packable layer (None: that half is real)."""
+  if isinstance(module, (QuantConv, QuantDense)):
+    return module.input_quantizer, module.kernel_quantizer
+  return module.activation_binarizer, module.weight_binarizer
+
+
+def is_binary_layer(module: nn.Module) -> bool:
   """Whether both halves of ``module`` are binary (±1 activations, ±α weights)."""
-  return all(spec is not None and binarize.get(spec).binary
-             for spec in (module.activation_binarizer, module.weight_binarizer))
+  return all(spec is not None and binarize.get(spec).binary for spec in _quantizers(module))
 
 
 def _path(module: nn.Module) -> str:
   return "/".join(module.scope.path)
 
 
-def check_packable(module: BinaryConv) -> None:
-  """Refuses a convolution with one half binary and the other real, or a non-binary estimator
-  (and a grouped :class:`BinaryConv`; expert convolutions pack each group)."""
-  halves = (module.activation_binarizer, module.weight_binarizer)
+def check_packable(module: nn.Module) -> None:
+  """Refuses a layer with one half binary and the other real or non-binary (a k-bit DoReFa
+  input, tanh), a grouped :class:`BinaryConv` (expert convolutions pack each group), and
+  padding by anything but 0 or ±1."""
+  halves = _quantizers(module)
   name = _path(module)
-  if halves == (None, None) or is_binary_conv(module):
-    if isinstance(module, BinaryConv) and module.groups != 1 and halves != (None, None):
-      raise ConfigError(f"bit-packed inference supports ungrouped binary convolutions; "
-                        f"{name} has groups={module.groups}")
+  if halves == (None, None):
     return
-  raise ConfigError(
-      f"bit-packed inference needs fully binary convolutions; {name} has activations "
-      f"{_describe(halves[0])} and weights {_describe(halves[1])} (binary: "
-      f"{sorted(n for n, b in binarize.REGISTRY.items() if b.binary)})")
+  if not is_binary_layer(module):
+    raise ConfigError(
+        f"bit-packed inference needs fully binary layers; {name} has activations "
+        f"{_describe(halves[0])} and weights {_describe(halves[1])} (binary: "
+        f"{sorted(n for n, b in binarize.REGISTRY.items() if b.binary)})")
+  if isinstance(module, BinaryConv) and module.groups != 1:
+    raise ConfigError(f"bit-packed inference supports ungrouped binary convolutions; "
+                      f"{name} has groups={module.groups}")
+  if isinstance(module, QuantConv) and module.pad_values not in PAD_VALUES:
+    raise ConfigError(f"bit-packed inference pads with one of {list(PAD_VALUES)}; {name} pads "
+                      f"with {module.pad_values}")
 
 
 def _describe(spec) -> str:
   return "real" if spec is None else binarize.get(spec).name
 
 
-# The methods bit-packed inference replaces: a BinaryConv's forward, an ExpertBinaryConv's convolution.
-_PACKED_METHODS = {BinaryConv: "__call__", ExpertBinaryConv: "convolve"}
-
-
-def _binary_conv_call(context) -> bool:
-  """Whether an intercepted call is a binary convolution to pack (checked packable)."""
+def _binary_layer_call(context) -> bool:
+  """Whether an intercepted call is a binary layer to pack (checked packable)."""
   if _PACKED_METHODS.get(type(context.module)) == context.method_name:
     check_packable(context.module)
-    return is_binary_conv(context.module)
+    return is_binary_layer(context.module)
   return False
 
 
+def _packed_layer(module: nn.Module) -> Dict[str, jax.Array]:
+  """{"bits", "scale"} of a binary layer's kernel, binarized by its own weight binarizer."""
+  binarize_kernel = binarize.get(_quantizers(module)[1])
+  if isinstance(module, ExpertBinaryConv):  # every expert, each binarized on its own
+    kernels = jax.vmap(binarize_kernel)(module.get_variable("params", "kernel"))
+    bits, scale = jax.vmap(packed_grouped_weights, in_axes=(0, None))(kernels, module.groups)
+  elif isinstance(module, QuantConv) and module.depthwise:  # (k, k, C, M): C groups of M outputs
+    kernel = binarize_kernel(module.get_variable("params", "depthwise_kernel"))
+    k, _, channels, multiplier = kernel.shape
+    bits, scale = packed_grouped_weights(kernel.reshape(k, k, 1, channels * multiplier), channels)
+  else:
+    kernel = binarize_kernel(module.get_variable("params", "kernel"))
+    if isinstance(module, QuantDense):  # (in, out) as a 1×1 convolution's HWIO
+      kernel = kernel[None, None]
+    bits, scale = packed_weights(kernel)
+  return {"bits": bits, "scale": scale}
+
+
+def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args) -> jax.Array:
+  """What ``module``'s replaced method returns, computed on ``layer``'s bits."""
+  x = args[0]
+  binary_x = binarize.get(_quantizers(module)[0])(x)
+  if isinstance(module, ExpertBinaryConv):
+    return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
+                              module.kernel_size, module.strides).astype(module.dtype)
+  if isinstance(module, QuantDense):  # a 1×1 convolution of one pixel
+    dots = packed_conv(pack(binary_x).reshape(-1, 1, 1, layer["bits"].shape[1]), layer["bits"],
+                       x.shape[-1], 1).reshape(x.shape[:-1] + (-1,))
+  elif isinstance(module, QuantConv):
+    k, strides, dilation = module.kernel_size, module.strides, module.dilation
+    geometry = dict(kernel_size=k, strides=strides, dilation=dilation, pad_value=module.pad_values,
+                    pads=spatial_padding(x.shape, module.padding, k, strides, dilation))
+    dots = (packed_grouped_conv(binary_x, layer["bits"], **geometry) if module.depthwise
+            else packed_conv(pack(binary_x), layer["bits"], x.shape[-1], **geometry))
+  else:
+    dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
+                       module.strides, symmetric(module.pad_width))
+  y = (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
+  if getattr(module, "use_bias", False):
+    y = y + module.get_variable("params", "bias").astype(module.dtype)
+  return y
+
+
 def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Dict[str, Any]:
-  """Packs every binary convolution of ``model`` once, binarized by the method's own weight binarizer.
+  """Packs every binary layer of ``model`` once, binarized by the method's own weight binarizer.
 
   Args:
     model: a classifier of :func:`bnn_jax.models.build_model`.
     variables: its trained ``params`` and ``batch_stats``.
     input_shape: one batch's, e.g. (1, 224, 224, 3) (the model is traced on it).
   Returns:
-    {layer path: {"bits": (k·k, words, O) uint32, "scale": (O,) float32}} (expert convs:
-    bits (E, groups, k·k, words, O/groups), scale (E, O)).
+    {layer path: {"bits": (k·k, words, O) uint32, "scale": (O,) float32}} (a dense layer as a
+    1×1 convolution; a depthwise conv: bits (C, k·k, 1, M); expert convs: bits
+    (E, groups, k·k, words, O/groups), scale (E, O)).
   Raises:
-    ConfigError: naming a convolution that is neither fully binary nor fully real.
+    ConfigError: naming a layer that is neither fully binary nor fully real.
   """
   found = {}
 
   def record(next_fun, args, kwargs, context):
-    if _binary_conv_call(context):
-      module = context.module
-      binarize_kernel = binarize.get(module.weight_binarizer)
-      kernel = module.get_variable("params", "kernel")
-      if isinstance(module, ExpertBinaryConv):  # every expert, each binarized on its own
-        bits, scale = packed_expert_weights(jax.vmap(binarize_kernel)(kernel), module.groups)
-      else:
-        bits, scale = packed_weights(binarize_kernel(kernel))
-      found[_path(module)] = {"bits": bits, "scale": scale}
+    if _binary_layer_call(context):
+      found[_path(context.module)] = _packed_layer(context.module)
     return next_fun(*args, **kwargs)
 
   def collect(variables):
@@ -215,7 +311,7 @@ def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Di
 
 
 class PackedClassifier:
-  """``model`` whose binary convolutions run on ``weights`` (:func:`pack_weights`): the same
+  """``model`` whose binary layers run on ``weights`` (:func:`pack_weights`): the same
   ``apply(variables, images, train=False)`` as the Flax model, so evaluation steps take it as is."""
 
   def __init__(self, model: nn.Module, weights: Dict[str, Any]):
@@ -227,18 +323,9 @@ class PackedClassifier:
     weights = self.weights if weights is None else weights
 
     def packed_forward(next_fun, args, kwargs, context):
-      if not _binary_conv_call(context):
+      if not _binary_layer_call(context):
         return next_fun(*args, **kwargs)
-      module, x = context.module, args[0]
-      layer = weights[_path(module)]
-      binary_x = binarize.get(module.activation_binarizer)(x)
-      if isinstance(module, ExpertBinaryConv):
-        return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
-                                  module.groups, module.kernel_size, module.strides,
-                                  module.kernel_size // 2).astype(module.dtype)
-      dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
-                         module.strides, module.pad_width)
-      return (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
+      return _packed_forward(context.module, weights[_path(context.module)], args)
 
     with nn.intercept_methods(packed_forward):
       return self.model.apply(variables, images, train=False)
@@ -252,7 +339,7 @@ class PackedClassifier:
 
 def packed_model(model: nn.Module, variables: Dict[str, Any],
                  input_shape) -> Callable[[jax.Array], jax.Array]:
-  """``model`` for inference with its binary convolutions on bits packed once.
+  """``model`` for inference with its binary layers on bits packed once.
 
   Args:
     model, variables, input_shape: as :func:`pack_weights`'s.
@@ -267,9 +354,14 @@ def packed_model(model: nn.Module, variables: Dict[str, Any],
 #   "model"                 the model config as JSON (bnn_jax.models.build_model's input)
 #   "input_shape"           one batch's input shape, e.g. [1, 224, 224, 3]
 #   "packed/<layer>/bits"   uint32 (k·k, words, O): bit i of word j = input channel 32·j + i is +1
+#                           (a dense layer: k = 1; a depthwise conv: (C, k·k, 1, M); an expert
+#                           conv: (E, groups, k·k, words, O/groups))
 #   "packed/<layer>/scale"  float32 (O,): the layer's output is scale · (K − 2·popcount(a XOR w))
-#                           (an expert conv: bits (E, groups, k·k, words, O/groups), scale (E, O))
-#   "<collection>/<path>"   every other variable (real convolutions, BatchNorm, PReLU, head) as is
+#                           (an expert conv: (E, O))
+#   "<collection>/<path>"   every other variable (real layers, biases, BatchNorm, PReLU, head) as
+#                           is; a packed layer's kernel (KERNEL_LEAVES) is stored only as its bits
+
+KERNEL_LEAVES = ("kernel", "depthwise_kernel")  # a packed layer's kernel variable, by layer kind
 
 
 def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[str, Any],
@@ -282,7 +374,7 @@ def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[s
     input_shape: one batch's input shape.
     variables: the trained variables; weights: :func:`pack_weights`'s output.
   """
-  binary_kernels = {f"params/{layer}/kernel" for layer in weights}
+  binary_kernels = {f"params/{layer}/{leaf}" for layer in weights for leaf in KERNEL_LEAVES}
   arrays = {"model": np.asarray(json.dumps(model_config)), "input_shape": np.asarray(input_shape)}
   for key_path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
     name = "/".join(str(getattr(k, "key", k)) for k in key_path)

@@ -59,18 +59,18 @@ def time_shape(size, channels, features, kernel, strides, batch, repeats):
   keys = jax.random.split(jax.random.key(0))
   activations = jax.random.normal(keys[0], (batch, size, size, channels))
   weights = sign(jax.random.normal(keys[1], (kernel, kernel, channels, features)))
-  pad = kernel // 2
+  pads = packed.symmetric(kernel // 2)
 
   @jax.jit
   def float_conv(x, w):
-    return jax.lax.conv_general_dilated(sign(x), w, (strides, strides), [(pad, pad)] * 2,
+    return jax.lax.conv_general_dilated(sign(x), w, (strides, strides), pads,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   bits, _ = packed.packed_weights(weights)
 
   @jax.jit
   def packed_conv(x, bits):
-    return packed.packed_conv(packed.pack(x), bits, channels, kernel, strides, pad)
+    return packed.packed_conv(packed.pack(x), bits, channels, kernel, strides, pads)
 
   np.testing.assert_array_equal(np.asarray(packed_conv(activations, bits)),
                                 np.asarray(float_conv(activations, weights)).astype(np.int32))

@@ -1,17 +1,26 @@
 """Bit-packed inference: exact XNOR-popcount dot products, padding corrected, whole models."""
+import json
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_jax import packed
+from bnn_jax import keras_weights, packed
 from bnn_jax.binarize import sign
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
 from bnn_jax.export import export
+from bnn_jax.layers.quant import QuantConv, QuantDense
 from bnn_jax.models import abstract_variables, build_model
+from bnn_jax.parity_larq import model_config
 
-from helpers import load_config, random_variables, shrink, trained_like
+from conftest import SHARED
+from helpers import compiled_fast, load_config, random_variables, shrink, trained_like
+
+LARQ_DIR = SHARED / "reference" / "larq"
+LARQ_FIXTURES = sorted(p.stem for p in LARQ_DIR.glob("*.npz")) if LARQ_DIR.exists() else []
 
 
 def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
@@ -24,20 +33,73 @@ def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
   assert words[0, 1] == (1 << 0) | (1 << 7)  # channels 32 and 39; bits 8..31 unused, 0
 
 
-@pytest.mark.parametrize("channels, kernel_size, strides, padding", [
-    (64, 3, 1, 1), (37, 3, 2, 1), (70, 1, 1, 0), (16, 1, 2, 0), (33, 3, 1, 0), (8, 5, 2, 2)])
+SAME_10X11_STRIDE_2 = ((0, 1), (1, 1))  # TensorFlow's "same", stride 2, 10×11: rows pad after only
+
+
+@pytest.mark.parametrize("channels, kernel_size, strides, pads, pad_value, dilation", [
+    (64, 3, 1, packed.symmetric(1), 0.0, 1), (37, 3, 2, packed.symmetric(1), 0.0, 1),
+    (70, 1, 1, packed.NO_PADS, 0.0, 1), (16, 1, 2, packed.NO_PADS, 0.0, 1),
+    (33, 3, 1, packed.NO_PADS, 0.0, 1), (8, 5, 2, packed.symmetric(2), 0.0, 1),
+    (37, 3, 2, SAME_10X11_STRIDE_2, 0.0, 1), (37, 3, 2, SAME_10X11_STRIDE_2, 1.0, 1),
+    (37, 3, 2, SAME_10X11_STRIDE_2, -1.0, 1),
+    (40, 3, 1, packed.symmetric(2), 0.0, 2), (40, 3, 1, packed.symmetric(2), 1.0, 2)])
 def test_packed_dot_products_equal_the_float_convolution_as_integers(channels, kernel_size, strides,
-                                                                       padding):
+                                                                       pads, pad_value, dilation):
   keys = jax.random.split(jax.random.key(channels + kernel_size + strides), 2)
-  a = sign(jax.random.normal(keys[0], (2, 9, 11, channels)))
+  a = sign(jax.random.normal(keys[0], (2, 10, 11, channels)))
   w = sign(jax.random.normal(keys[1], (kernel_size, kernel_size, channels, 24)))
-  expected = jax.lax.conv_general_dilated(a, w, (strides, strides), [(padding, padding)] * 2,
+  padded = jnp.pad(a, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+  expected = jax.lax.conv_general_dilated(padded, w, (strides, strides), "VALID",
+                                          rhs_dilation=(dilation, dilation),
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
   bits, scale = packed.packed_weights(w)
   np.testing.assert_array_equal(scale, 1.0)
-  dots = packed.packed_conv(packed.pack(a), bits, channels, kernel_size, strides, padding)
+  dots = jax.jit(packed.packed_conv, static_argnums=range(2, 8))(
+      packed.pack(a), bits, channels, kernel_size, strides, pads, pad_value, dilation)
   assert dots.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(dots), np.asarray(expected).astype(np.int32))
+
+
+class OneLayer(nn.Module):
+  """A single layer as a model (what packed_model takes: ``apply(variables, x, train=False)``)."""
+  layer: nn.Module
+
+  def __call__(self, x, train=False):
+    return self.layer(x)
+
+
+BINARY = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+
+
+# larq's layers with ±1 weights, so that their float outputs are the integer dot products (plus
+# the bias): each equals the packed one exactly.
+@pytest.mark.parametrize("layer, input_shape", [
+    (QuantConv(24, 3, strides=2, padding="same", **BINARY), (2, 10, 11, 37)),
+    (QuantConv(24, 3, strides=2, padding="same", pad_values=1.0, **BINARY), (2, 10, 11, 37)),
+    (QuantConv(16, 3, padding="same", dilation=2, pad_values=1.0, **BINARY), (2, 10, 11, 40)),
+    (QuantConv(16, 3, strides=2, padding="valid", use_bias=True, **BINARY), (2, 10, 11, 40)),
+    (QuantConv(2, 3, strides=2, padding="same", depthwise=True, **BINARY), (2, 10, 11, 5)),
+    (QuantConv(1, 3, padding="same", depthwise=True, pad_values=1.0, **BINARY), (2, 10, 11, 5)),
+    (QuantDense(10, **BINARY), (3, 70))],
+    ids=["same_s2_pad0", "same_s2_pad+1", "dilation2_pad+1", "valid_s2_bias", "depthwise_s2_pad0",
+         "depthwise_pad+1", "dense_bias"])
+def test_packed_larq_layers_equal_their_float_outputs_exactly(layer, input_shape):
+  model = OneLayer(layer)
+  variables = random_variables(abstract_variables(model, input_shape))
+  x = jax.random.normal(jax.random.key(5), input_shape)
+  np.testing.assert_array_equal(packed.packed_model(model, variables, input_shape)(x),
+                                model.apply(variables, x))
+
+
+def test_a_dorefa_like_layer_is_refused_in_one_line():
+  model = OneLayer(QuantConv(8, 3, padding="same", input_quantizer="dorefa",
+                             kernel_quantizer="magnitude_aware_sign_unclipped"))
+  variables = random_variables(abstract_variables(model, (1, 8, 8, 4)))
+  with pytest.raises(ConfigError, match=r"^bit-packed inference needs fully binary layers; layer "
+                                        r"has activations dorefa and weights "
+                                        r"magnitude_aware_sign_unclipped \(binary: \[") as error:
+    packed.pack_weights(model, variables, (1, 8, 8, 4))
+  assert "\n" not in str(error.value)
 
 
 # One per kind of binary convolution: IR-Net's power-of-two scales and EDE sign, ReActNet-A's
@@ -61,7 +123,7 @@ def test_a_model_with_a_real_half_in_a_binary_layer_is_refused(recipe, halves):
   config = shrink(load_config(recipe))
   model = build_model(config.model)
   variables = random_variables(abstract_variables(model, (1, 32, 32, 3)))
-  with pytest.raises(ConfigError, match=f"fully binary convolutions; backbone/layer1.0/conv1 has "
+  with pytest.raises(ConfigError, match=f"fully binary layers; backbone/layer1.0/conv1 has "
                                         f"activations {halves}"):
     packed.packed_model(model, variables, (1, 32, 32, 3))
 
@@ -82,3 +144,44 @@ def test_packed_evaluation_and_exported_file_reproduce_the_trained_model(digits_
   images = jax.random.normal(jax.random.key(4), (16,) + tuple(experiment.input_shape[1:]))
   expected = jax.jit(lambda v, x: experiment.model.apply(v, x, train=False))(variables, images)
   np.testing.assert_allclose(packed.load(out)(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def _larq_fixture(name):
+  """A fixture's model, its larq-zoo weights, config, input; skips a model not built here yet."""
+  description = json.loads((LARQ_DIR / f"{name}.json").read_text())
+  try:
+    config = model_config(description)
+    model = build_model(config)
+  except ConfigError as error:
+    pytest.skip(f"not built here yet: {error}")
+  shape = tuple(description["input_shape"])
+  variables, missing = keras_weights.keras_to_flax(
+      keras_weights.read_h5(str(LARQ_DIR / f"{name}.h5")), model, shape,
+      abstract_variables(model, shape))
+  assert missing == []
+  with np.load(LARQ_DIR / f"{name}.npz") as fixture:
+    images = jnp.asarray(fixture["input_nhwc"])
+  return model, jax.tree.map(jnp.asarray, variables), config, images
+
+
+@pytest.mark.parametrize("name", LARQ_FIXTURES)
+def test_packed_larq_zoo_model_from_its_file_matches_the_float_model(name, tmp_path):
+  """Every fixture whose model is fully binary (the model decides: a partly binary layer is
+  refused), with larq-zoo's weights, exported and run from the file."""
+  model, variables, config, images = _larq_fixture(name)
+  try:
+    weights = packed.pack_weights(model, variables, images.shape)
+  except ConfigError as error:
+    if "needs fully binary layers" not in str(error):
+      raise
+    pytest.skip(f"not fully binary: {error}")
+  assert weights, "no binary layer"
+  path = str(tmp_path / "model.npz")
+  packed.save(path, config, images.shape, variables, weights)
+  with np.load(path) as file:  # binary kernels only as bits
+    assert not {f"params/{layer}/{leaf}" for layer in weights
+                for leaf in packed.KERNEL_LEAVES} & set(file.files)
+  expected = compiled_fast(jax.jit(lambda v, x: model.apply(v, x, train=False)))(variables, images)
+  run = packed.load(path)  # the jitted apply with the file's variables bound: compiled once, fast
+  logits = compiled_fast(run.func)(*run.args, images)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
