@@ -118,6 +118,7 @@ def model_section(**fields) -> ml_collections.ConfigDict:
       section_blocks=placeholder(tuple), section_filters=placeholder(tuple),
       filters=placeholder(int), initial_filters=placeholder(int), growth_rate=placeholder(int),
       spec=placeholder(tuple), width_divisor=placeholder(int),
+      batch_norm_momentum=placeholder(float),
       inflation_ratio=placeholder(int), activations_k_bit=placeholder(int),
       num_layers=placeholder(int),
       model_name=placeholder(str), momentum=placeholder(float), scaling_r=placeholder(int)))

@@ -20,6 +20,7 @@ MODELS = {
     "densenet37": dict(backbone="BinaryDenseNet37"),
     "densenet37_dilated": dict(backbone="BinaryDenseNet37Dilated"),
     "densenet45": dict(backbone="BinaryDenseNet45"),
+    "meliusnet22": dict(backbone="MeliusNet22"),
     "resnet_e18": dict(backbone="BinaryResNetE", num_layers=18),
     "birealnet": dict(backbone="BiRealNet"),
     # RealToBinaryNet, and the earlier stages of its multi-stage recipe by larq-zoo's model_name

@@ -4,6 +4,7 @@ from bnn_jax.models.larq_zoo.alexnet import BinaryAlexNet, DoReFaNet, XNORNet
 from bnn_jax.models.larq_zoo.birealnet import BiRealNet
 from bnn_jax.models.larq_zoo.densenet import (BinaryDenseNet28, BinaryDenseNet37,
                                               BinaryDenseNet37Dilated, BinaryDenseNet45)
+from bnn_jax.models.larq_zoo.meliusnet import MeliusNet22
 from bnn_jax.models.larq_zoo.quicknet import QuickNet
 from bnn_jax.models.larq_zoo.real_to_bin_nets import RealToBinNet
 from bnn_jax.models.larq_zoo.resnet_e import BinaryResNetE
@@ -13,6 +14,6 @@ LARQ_ZOO_BACKBONES = {"QuickNet": QuickNet, "XNORNet": XNORNet, "DoReFaNet": DoR
                       "BinaryAlexNet": BinaryAlexNet,
                       "BinaryDenseNet28": BinaryDenseNet28, "BinaryDenseNet37": BinaryDenseNet37,
                       "BinaryDenseNet37Dilated": BinaryDenseNet37Dilated,
-                      "BinaryDenseNet45": BinaryDenseNet45,
+                      "BinaryDenseNet45": BinaryDenseNet45, "MeliusNet22": MeliusNet22,
                       "BinaryResNetE": BinaryResNetE, "BiRealNet": BiRealNet,
                       "RealToBinNet": RealToBinNet}

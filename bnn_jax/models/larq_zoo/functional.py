@@ -78,7 +78,9 @@ class Graph:
                          f"computation between layers must be a Graph call")
       self._layers.append(Layer(name, tuple(self._producer[id(x)] for x in inputs),
                                 tuple(weights), dict(constants or {}), self._in_top))
-      self._producer[id(output)] = len(self._layers) - 1
+      # a layer with several outputs (a Lambda of tf.split) produces each of them
+      for tensor in output if isinstance(output, (tuple, list)) else (output,):
+        self._producer[id(tensor)] = len(self._layers) - 1
       self._alive.append(output)
     return output
 
