@@ -9,7 +9,7 @@ of them here and reports norm-wise relative errors with :class:`bnn_jax.parity.P
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import optax
 from bnn_jax import keras_weights
 from bnn_jax.config import load_config
 from bnn_jax.models import abstract_variables, build_model
-from bnn_jax.models.larq_zoo.functional import recording
+from bnn_jax.models.larq_zoo.functional import Layer, recording
 from bnn_jax.parallel import run_once_compiler_options
 from bnn_jax.parity import GRAD_ATOL, GRAD_RTOL, ParityReport, read_fixture, relative_error
 
@@ -63,12 +63,17 @@ def check_larq_fixture(npz_path: str) -> ParityReport:
                                 train=True, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, state)
 
+  train_graph = []  # the train-mode step's layers; its max pools note tied windows as it runs
+
   def both(variables):  # one program: the train-mode step and the eval logits
-    step = jax.value_and_grad(train_loss, has_aux=True)(variables["params"])
+    with recording() as layers:
+      step = jax.value_and_grad(train_loss, has_aux=True)(variables["params"])
+    train_graph.extend(layers)
     return step, model.apply(variables, images, train=False)
 
   ((loss, (logits_train, state)), grads), logits_eval = jax.jit(
       both, compiler_options=run_once_compiler_options())(variables)
+  jax.effects_barrier()
   outputs = {name: relative_error(value, fixture[name]) for name, value in
              (("logits_eval", logits_eval), ("logits_train", logits_train), ("loss_train", loss))
              if name in fixture}
@@ -99,20 +104,17 @@ def check_larq_fixture(npz_path: str) -> ParityReport:
   rows.sort(key=lambda row: row[1] / (GRAD_RTOL * row[2] + GRAD_ATOL), reverse=True)
   report = ParityReport(outputs, rows)
   if not report.passed:
-    report.tie_routed = tie_routed(model, variables, images, renamed)
+    report.tie_routed = tie_routed(train_graph, renamed)
   return report
 
 
-def tie_routed(model, variables, images, renamed: Dict[str, Tuple[str, str, str]]
+def tie_routed(layers: Sequence[Layer], renamed: Dict[str, Tuple[str, str, str]]
                ) -> Tuple[str, ...]:
   """The weights (the fixture's names) whose gradient passes a max-pool window with a tied
-  maximum in our training-mode run. Binary convolutions make exactly equal sums common; each
-  framework's float rounding then breaks the tie its own way, and the gradient goes to a different
-  input of the window: not a difference of the models, and one no implementation can match."""
-  with recording() as layers:  # run (not only traced), so that each max pool sees its input
-    jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]),
-            compiler_options=run_once_compiler_options())(variables)
-    jax.effects_barrier()
+  maximum in the recorded training-mode run (``layers``). Binary convolutions make exactly equal
+  sums common; each framework's float rounding then breaks the tie its own way, and the gradient
+  goes to a different input of the window: not a difference of the models, and one no
+  implementation can match."""
   upstream, stack = set(), [i for i, layer in enumerate(layers) if layer.tied]
   while stack:
     for parent in layers[stack.pop()].inputs:
