@@ -10,7 +10,10 @@ from bnn_jax import bops, keras_weights
 from bnn_jax.config import load_config
 from bnn_jax.errors import ConfigError
 from bnn_jax.models import abstract_variables, build_model
+from bnn_jax.models.larq_zoo.functional import recording
+from bnn_jax.optim import norm_params_mask
 from bnn_jax.parity_larq import check_larq_fixture, model_config
+from bnn_jax.variables import BINARY, NORM, variable_kinds
 from conftest import SHARED
 
 LARQ_DIR = SHARED / "reference" / "larq"
@@ -64,13 +67,20 @@ def test_full_size_counts(name):
   expected = json.loads(COUNTS.read_text())[name]
   model = build_model(load_config(f"larq_zoo:{name}").model)
   shape = (1, 224, 224, 3)
-  variables = abstract_variables(model, shape)
-  fixed = sum(np.prod(layer.constants[n].shape)
-              for layer in keras_weights.weighted_layers(model, shape) for n in layer.constants)
+  with recording() as layers:  # one trace: the variables and the fixed kernels
+    variables = abstract_variables(model, shape)
+  fixed = sum(np.prod(value.shape) for layer in layers for value in layer.constants.values())
   report = bops.analyze_model(model, shape)
   assert (report.params, _count(variables["batch_stats"]) + fixed) == (
       expected["params_trainable"], expected["params_non_trainable"])
   assert report.bops == pytest.approx(expected["binary_macs"], rel=0.01)
+  # What the per-kind optimizers route (bnn_jax.variables, from module types): the binary kernels
+  # are what the walk finds binarized, the normalisation parameters those with statistics.
+  kinds = jax.tree.leaves(variable_kinds(model, shape).kinds)
+  leaves = jax.tree.leaves(variables["params"])
+  assert sum(leaf.size for leaf, kind in zip(leaves, kinds) if kind == BINARY) == report.binary_params
+  assert [kind == NORM for kind in kinds] == jax.tree.leaves(
+      norm_params_mask(variables["params"], variables["batch_stats"]))
 
 
 def test_full_size_file_of_another_session_and_notop_file_convert(tmp_path):
