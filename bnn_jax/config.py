@@ -73,11 +73,14 @@ def default_config() -> ml_collections.ConfigDict:
                                          **durations.fields("span")))
   # Per-example objective: ce_weight·CE + kd_weight·KD + at_weight·AT (only_kd drops CE).
   # attention_blocks: block names (e.g. "layer1.0") or stages ("layer2": its last block) to
-  # compare; None = every block.
-  # attention_norm: each attention map divided by its "max" (Real-to-Binary) or "l2" norm (HCEBNN).
+  # compare, or parts of a larq-zoo model's layer names ("block_2_out"); None = every block.
+  # attention_norm: each attention map divided by its "max" (Real-to-Binary; "max_tf": the
+  # maximum's gradient shared among ties, as larq-zoo's TensorFlow) or "l2" norm (HCEBNN).
+  # kd_loss: "cross_entropy" against the teacher's softmax (ReActNet) or "keras_kl" (larq-zoo).
   c.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.0, ce_weight=1.0, kd_weight=0.0, at_weight=0.0, only_kd=False,
-      temperature=1.0, attention_blocks=placeholder(tuple), attention_norm="max"))
+      temperature=1.0, attention_blocks=placeholder(tuple), attention_norm="max",
+      kd_loss="cross_entropy"))
   # The KD teacher: its model section, and an Orbax workdir (one of our runs, or the output of
   # python -m bnn_jax.convert) or a .pth / .npz state dict. Not trained, not checkpointed.
   # batchnorm: "running" (eval mode) or "batch": normalise with the statistics of each batch

@@ -32,7 +32,23 @@ def distribution_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   return -jnp.sum(teacher * student, axis=-1) * temperature ** 2
 
 
-ATTENTION_NORMS = ("max", "l2")
+KD_LOSSES = ("cross_entropy", "keras_kl")
+KERAS_EPSILON = 1e-7  # Keras' backend.epsilon(), which its KL divergence clips probabilities to
+
+
+def keras_kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
+                        temperature: float = 1.0) -> jax.Array:
+  """larq-zoo's output matching: Keras' KL divergence Σ p·log(p/q) of the teacher's p =
+  softmax(teacher/T) from the student's q = softmax(student/T), both clipped to [1e-7, 1] as
+  Keras', times T². It differs from :func:`distribution_loss` by the teacher's entropy (a
+  constant) and, through the clip, no gradient from a student probability below 1e-7."""
+  teacher = jnp.clip(jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1),
+                     KERAS_EPSILON, 1.0)
+  student = jnp.clip(jax.nn.softmax(student_logits / temperature, axis=-1), KERAS_EPSILON, 1.0)
+  return jnp.sum(teacher * jnp.log(teacher / student), axis=-1) * temperature ** 2
+
+
+ATTENTION_NORMS = ("max", "max_tf", "l2")
 
 
 def attention_map(features: jax.Array, norm: str = "max") -> jax.Array:
@@ -40,13 +56,16 @@ def attention_map(features: jax.Array, norm: str = "max") -> jax.Array:
   (``norm="max"``, Real-to-Binary) or by its L2 norm (``"l2"``, HCEBNN's ``F.normalize``;
   at least 1e-12 as there). NHWC in.
 
-  The maximum's gradient goes to its first position, as PyTorch's ``max(dim)`` (jnp.max would
-  share it among ties).
+  With ``"max"`` the maximum's gradient goes to its first position, as PyTorch's ``max(dim)``;
+  ``"max_tf"`` shares it equally among tied maxima, as TensorFlow's ``reduce_max`` (larq-zoo's
+  attention matching). The two differ only where a map's maximum is tied.
   """
   features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
   q = jnp.mean(jnp.square(features), axis=-1).reshape(features.shape[0], -1)
   if norm == "l2":
     return q / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q), axis=-1, keepdims=True)), 1e-12)
+  if norm == "max_tf":
+    return q / jnp.max(q, axis=-1, keepdims=True)
   peak = jnp.take_along_axis(q, jnp.argmax(q, axis=-1)[:, None], axis=-1)
   return q / peak
 

@@ -19,7 +19,7 @@ from bnn_jax import durations
 from bnn_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("step", "poly", "cosine", "constant")
+SCHEDULES = ("step", "poly", "cosine", "constant", "keras_step")
 WARMUPS = (None, "linear", "exp", "constant")
 
 
@@ -50,6 +50,12 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
     raise ConfigError(f"unknown warmup {warmup!r}; valid: {list(WARMUPS)}")
   warmup_steps = durations.steps(config, "warmup", steps_per_epoch, total_steps) or 0
   warmup_ratio = config.get("warmup_ratio", 0.1)
+  if name == "keras_step":
+    if warmup:
+      raise ConfigError(f"schedule keras_step has its own warmup (from 0); unset "
+                        f"schedule.warmup ({warmup!r}) and set only its length (warmup_epochs …)")
+    return keras_step(base, config.milestones, config.get("gamma", 0.1), warmup_steps,
+                      steps_per_epoch)
 
   def warmup_factor(step):
     """mmcv's warmup: the factor on the regular rate during the first warmup_steps steps."""
@@ -66,6 +72,28 @@ def make_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sc
     if warmup and warmup_steps:
       lr = jnp.where(step < warmup_steps, lr * warmup_factor(step), lr)
     return jnp.asarray(lr, jnp.result_type(float))  # float32, or float64 under jax_enable_x64
+
+  return schedule
+
+
+def keras_step(peak: float, milestones, gamma: float, warmup_steps: int, steps_per_epoch: int
+               ) -> optax.Schedule:
+  """larq-zoo's ``R2BStepSchedule`` (``learning_schedules.py``; its 5 warmup epochs, milestones
+  40, 60, 70 and decay fraction are fields here), per step: Keras' PolynomialDecay from 0 that
+  reaches ``peak`` at step W (W = ``warmup_steps``; none if 0), then Keras'
+  PiecewiseConstantDecay, ``peak``·gamma^k after k milestones (in epochs), each passed at the
+  step after it."""
+  if not milestones:
+    raise ConfigError("schedule keras_step needs schedule.milestones (epochs)")
+  boundaries = jnp.asarray([m * steps_per_epoch for m in milestones])
+  values = jnp.asarray([peak * gamma ** k for k in range(len(milestones) + 1)])  # as Keras'
+
+  def schedule(step):
+    step = jnp.asarray(step)
+    lr = values[jnp.sum(step > boundaries)]
+    if warmup_steps:
+      lr = jnp.where(step <= warmup_steps, peak * step / warmup_steps, lr)
+    return jnp.asarray(lr, jnp.result_type(float))
 
   return schedule
 

@@ -50,6 +50,12 @@ RECIPES: Dict[str, List[Stage]] = {
     "real_to_binary": [Stage("fp", "real_to_binary_fp"),
                        Stage("step1", "real_to_binary_step1", teacher="fp"),
                        Stage("step2", "real_to_binary_step2", load_from="step1", teacher="step1")],
+    # larq-zoo's TrainR2B (configs/larq_zoo_r2b.py); as larq-zoo, r2b_ban starts afresh
+    "larq_zoo_real_to_binary": [
+        Stage("resnet_fp", "larq_zoo_r2b:resnet_fp"),
+        Stage("r2b_fp", "larq_zoo_r2b:r2b_fp", teacher="resnet_fp"),
+        Stage("r2b_ban", "larq_zoo_r2b:r2b_ban", teacher="r2b_fp"),
+        Stage("r2b_bnn", "larq_zoo_r2b:r2b_bnn", load_from="r2b_ban", teacher="r2b_ban")],
     "digits_kd": [Stage("teacher", "digits_kd:teacher"),
                   Stage("step1", "digits_kd:step1", teacher="teacher"),
                   Stage("step2", "digits_kd:step2", load_from="step1", teacher="teacher")],

@@ -19,9 +19,10 @@ import optax
 
 from bnn_jax.binarize import EDE
 from bnn_jax.errors import ConfigError
-from bnn_jax.losses import (ATTENTION_NORMS, attention_transfer, cross_entropy, distribution_loss,
-                            topk_correct)
+from bnn_jax.losses import (ATTENTION_NORMS, KD_LOSSES, attention_transfer, cross_entropy,
+                            distribution_loss, keras_kl_divergence, topk_correct)
 from bnn_jax.models import BLOCK_OUTPUTS, block_outputs
+from bnn_jax.models.backbones import requesting_layers
 
 Metrics = Dict[str, jax.Array]
 
@@ -82,6 +83,7 @@ class Objective:
   temperature: float = 1.0
   attention_blocks: Optional[Tuple[str, ...]] = None  # None: every block
   attention_norm: str = "max"  # losses.ATTENTION_NORMS
+  kd_loss: str = "cross_entropy"  # losses.KD_LOSSES
 
   @classmethod
   def from_config(cls, loss) -> "Objective":
@@ -89,12 +91,15 @@ class Objective:
     if loss.get("attention_norm", "max") not in ATTENTION_NORMS:
       raise ConfigError(f"unknown loss.attention_norm {loss.get('attention_norm')!r}; "
                         f"valid: {list(ATTENTION_NORMS)}")
+    if loss.get("kd_loss", "cross_entropy") not in KD_LOSSES:
+      raise ConfigError(f"unknown loss.kd_loss {loss.get('kd_loss')!r}; valid: {list(KD_LOSSES)}")
     return cls(ce=0.0 if loss.get("only_kd") else loss.get("ce_weight", 1.0),
                kd=loss.get("kd_weight", 0.0), at=loss.get("at_weight", 0.0),
                label_smoothing=loss.get("label_smoothing", 0.0),
                temperature=loss.get("temperature", 1.0),
                attention_blocks=tuple(blocks) if blocks else None,
-               attention_norm=loss.get("attention_norm", "max"))
+               attention_norm=loss.get("attention_norm", "max"),
+               kd_loss=loss.get("kd_loss", "cross_entropy"))
 
   @property
   def needs_teacher(self) -> bool:
@@ -108,6 +113,9 @@ class Objective:
       blocks = [b for b in student if b.startswith(name + ".")]
       return max(blocks, key=lambda b: int(b.rsplit(".", 1)[1])) if "." not in name and blocks else name
     names = tuple(map(last_block, self.attention_blocks or tuple(student)))
+    if not names:
+      raise ConfigError("attention transfer: the student records no block outputs; name the "
+                        "layers to compare in loss.attention_blocks")
     bad = [n for n in names if n not in student or n not in teacher]
     if bad:
       raise ConfigError(f"loss.attention_blocks {bad} are not blocks of both student and teacher; "
@@ -124,7 +132,8 @@ class Objective:
     if self.ce:  # skipped, not multiplied by 0, so labels cannot reach the gradient
       loss += self.ce * cross_entropy(logits, labels, self.label_smoothing)
     if self.kd:
-      loss += self.kd * distribution_loss(logits, teacher_logits, self.temperature)
+      kd = keras_kl_divergence if self.kd_loss == "keras_kl" else distribution_loss
+      loss += self.kd * kd(logits, teacher_logits, self.temperature)
     if self.at:
       loss += self.at * attention_transfer(*self.attention_pairs(student_blocks, teacher_blocks),
                                            self.attention_norm)
@@ -155,6 +164,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedule
     raise ConfigError(f"unknown teacher.batchnorm {teacher_batchnorm!r}; valid: {list(TEACHER_BATCHNORM)}")
   teacher_train = teacher_batchnorm == "batch"
   mutable = ["batch_stats", BLOCK_OUTPUTS] if objective.at else ["batch_stats"]
+  # Keras-style models record the layers attention transfer names (ours record every block).
+  requested = (objective.attention_blocks or ()) if objective.at else ()
 
   def train_step(state: TrainState, batch, sums: Metrics, teacher_variables):
     ede, scheduled = schedules.at(state.step)
@@ -162,14 +173,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedule
     teacher_logits = teacher_blocks = None
     if objective.needs_teacher:
       # In "batch" mode the statistics' updates come back in the collections and are dropped.
-      teacher_logits, collections = teacher.apply(
-          jax.lax.stop_gradient(teacher_variables), images, train=teacher_train,
-          mutable=[BLOCK_OUTPUTS, "batch_stats"] if teacher_train else [BLOCK_OUTPUTS])
+      with requesting_layers(requested):
+        teacher_logits, collections = teacher.apply(
+            jax.lax.stop_gradient(teacher_variables), images, train=teacher_train,
+            mutable=[BLOCK_OUTPUTS, "batch_stats"] if teacher_train else [BLOCK_OUTPUTS])
       teacher_blocks = block_outputs(collections)
 
     def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                    images, train=True, ede=ede, mutable=mutable)
+      with requesting_layers(requested):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                      images, train=True, ede=ede, mutable=mutable)
       per_example = objective.per_example(logits, labels, teacher_logits, block_outputs(updates),
                                           teacher_blocks)
       return per_example.mean(), (logits, per_example, updates.get("batch_stats", {}))

@@ -7,7 +7,9 @@ leaf-by-leaf mapping.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import contextlib
+import contextvars
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -53,6 +55,27 @@ def sow_block_output(module: nn.Module, name: str, x) -> None:
   (``apply(..., mutable=[BLOCK_OUTPUTS])``): what attention transfer compares. A no-op otherwise."""
   module.sow(BLOCK_OUTPUTS, "blocks", {name: x}, reduce_fn=lambda seen, new: {**seen, **new},
              init_fn=dict)
+
+
+_REQUESTED: contextvars.ContextVar = contextvars.ContextVar("requested_layers", default=())
+
+
+@contextlib.contextmanager
+def requesting_layers(names: Sequence[str]) -> Iterator[None]:
+  """Within: models whose layers have names of their own (the Keras-style larq-zoo models, which
+  have no blocks of ours) also record, as block outputs under each of ``names``, the output of
+  the one layer whose name contains it (larq-zoo's partial-name lookup: ``"block_2_out"`` finds
+  ``r2b_fp_block_2_out``). Other models ignore it."""
+  token = _REQUESTED.set(tuple(names))
+  try:
+    yield
+  finally:
+    _REQUESTED.reset(token)
+
+
+def requested_layers() -> Tuple[str, ...]:
+  """The names :func:`requesting_layers` asks for here (empty outside it)."""
+  return _REQUESTED.get()
 
 
 class ResArch(nn.Module):

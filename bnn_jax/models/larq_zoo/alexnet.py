@@ -59,7 +59,7 @@ class XNORNet(AlexNetFamily):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = g.conv2d(images, self.width(96), 11, strides=4, padding="same", use_bias=False)
     x = g.activation(self.batch_norm(g, x, 1e-5), "relu")
     x = self.batch_norm(g, self.max_pool(g, x), 1e-4)
@@ -95,7 +95,7 @@ class DoReFaNet(AlexNetFamily):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = g.conv2d(images, self.width(96), 12, strides=4, padding="valid")
     x = self.conv_block(g, x, 256, 5, pool="same")
     x = self.conv_block(g, x, 384, 3, pool="same")
@@ -129,7 +129,7 @@ class BinaryAlexNet(AlexNetFamily):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = self.conv_block(g, images, self.inflated(64), 11, strides=4, pool=True,
                         input_quantizer=None)
     x = self.conv_block(g, x, self.inflated(192), 5, pool=True)

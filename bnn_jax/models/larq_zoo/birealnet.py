@@ -28,7 +28,7 @@ class BiRealNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = g.conv2d(images, self.filters, 7, strides=2, padding="same", use_bias=False,
                  kernel_init=glorot_normal)
     x = g.max_pool2d(g.batch_normalization(x, momentum=0.8), 3, 2, padding="same")

@@ -42,7 +42,7 @@ class BinaryDenseNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = self.stem(g, images)
     last = len(self.layers_per_block) - 1
     for block, layers in enumerate(self.layers_per_block):

@@ -10,6 +10,10 @@ neither the call order nor alphabetical: layers sorted by depth in the graph (lo
 output, inputs deepest), ties by a depth-first walk from the outputs that visits a layer's inputs
 in order. :func:`layer_order` records the graph of one trace and returns that order, weightless
 layers included, which is what reading and writing larq-zoo's ``.h5`` files needs.
+
+Given its module, a Graph also records the outputs of the layers that
+:func:`~bnn_jax.models.backbones.requesting_layers` names (what larq-zoo's attention matching
+compares), as block outputs.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.layers.activations import KerasPReLU
 from bnn_jax.layers.norm import KerasBatchNorm
 from bnn_jax.layers.quant import QuantConv, QuantDense, glorot_uniform, spatial_padding
+from bnn_jax.models.backbones import requested_layers, sow_block_output
 
 Dtype = Any
 
@@ -49,10 +54,14 @@ _RECORDING: contextvars.ContextVar = contextvars.ContextVar("keras_graph", defau
 
 
 class Graph:
-  """Keras layer calls for one compact ``__call__`` (see the module docstring)."""
+  """Keras layer calls for one compact ``__call__`` (see the module docstring); ``module``, the
+  model whose ``__call__`` that is, records the requested layers' outputs."""
 
-  def __init__(self, image: jax.Array, train: bool, dtype: Dtype = jnp.float32):
-    self.train, self.dtype = train, dtype
+  def __init__(self, image: jax.Array, train: bool, dtype: Dtype = jnp.float32,
+               module: Optional[nn.Module] = None):
+    self.train, self.dtype, self.module = train, dtype, module
+    self._requested = requested_layers()
+    self._found: Dict[str, str] = {}  # requested name -> the layer recorded under it
     self._counts: Dict[str, int] = {}
     self._layers: Optional[List[Layer]] = _RECORDING.get()
     self._producer: Dict[int, int] = {}
@@ -71,6 +80,7 @@ class Graph:
   def _record(self, kind: str, inputs: Sequence[jax.Array], output: jax.Array, name=None,
               weights: Sequence[Tuple[str, str]] = (), constants=None) -> jax.Array:
     name = name or self.name(kind)
+    self._sow_if_requested(name, output)
     if self._layers is not None:
       missing = [i for i, x in enumerate(inputs) if id(x) not in self._producer]
       if missing:
@@ -83,6 +93,19 @@ class Graph:
         self._producer[id(tensor)] = len(self._layers) - 1
       self._alive.append(output)
     return output
+
+  def _sow_if_requested(self, name: str, output) -> None:
+    for wanted in self._requested:
+      if wanted not in name:
+        continue
+      if self.module is None:
+        raise ConfigError(f"layer {name!r} was asked for, but this model's Graph was made "
+                          f"without its module (Graph(..., module=self)), so it records none")
+      if wanted in self._found:
+        raise ConfigError(f"{wanted!r} names more than one layer ({self._found[wanted]!r}, "
+                          f"{name!r}): give a longer part of the name")
+      self._found[wanted] = name
+      sow_block_output(self.module, wanted, output)
 
   def top(self) -> None:
     """Marks the layers from here on as the classifier ("include_top" in larq-zoo)."""

@@ -40,7 +40,7 @@ class MeliusNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = self.group_stem(g, images, "stem")
     for i, (blocks, features) in enumerate(zip(self.num_blocks, self.transition_features)):
       for j in range(blocks):

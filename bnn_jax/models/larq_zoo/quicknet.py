@@ -38,7 +38,7 @@ class QuickNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = self.stem(g, images, self.section_filters[0])
     for blocks, filters in zip(self.section_blocks, self.section_filters):
       for _ in range(blocks):

@@ -75,7 +75,7 @@ class RealToBinNet(nn.Module):
       raise ConfigError(f"unknown Real-to-Binary model_name {self.model_name!r}; valid: "
                         f"{sorted(VARIANTS)}")
     kind = VARIANTS[self.model_name][0]
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = self.first_block(g, images, prelu=kind != "resnet", name=self.block_name(1))
     block = self.resnet_block if kind == "resnet" else self.binary_block
     for n in range(2, 10):

@@ -42,7 +42,7 @@ class BinaryResNetE(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
-    g = Graph(images, train, self.dtype)
+    g = Graph(images, train, self.dtype, module=self)
     x = self.stem(g, images)
     for stage, (blocks, filters) in enumerate(zip(*self.stage_spec())):
       for layer in range(2 * blocks):  # each ResNet block is two binary blocks here
