@@ -62,9 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model_section()
   c.dataset = imagenet()
+  # binary / real / norm: an optimizer per kind of variable (larq's CaseOptimizer; bnn_jax.optim),
+  # each field None = the top-level optimizer's (norm: real's), unset = trained by it.
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, norm_decay_mult=1.0,
-      grad_clip=placeholder(float), b1=0.9, b2=0.999, eps=1e-8))
+      grad_clip=placeholder(float), b1=0.9, b2=0.999, eps=1e-8,
+      binary=kind_optimizer(clip=placeholder(float), threshold=placeholder(float),
+                            gamma=placeholder(float), threshold_schedule=schedule_override()),
+      real=kind_optimizer(), norm=kind_optimizer()))
   c.schedule = ml_collections.ConfigDict(dict(
       name="constant", by_epoch=True, milestones=placeholder(tuple), gamma=0.1, power=1.0, min_lr=0.0,
       warmup=placeholder(str), warmup_ratio=0.1, **durations.fields("warmup")))
@@ -101,6 +106,25 @@ def default_config() -> ml_collections.ConfigDict:
       max_steps=placeholder(int),
       load_from=placeholder(str), load_transform=placeholder(str), progress=True, plot=True))
   return c
+
+
+def schedule_override() -> ml_collections.ConfigDict:
+  """A ``schedule`` whose every field is None: what a per-kind optimizer changes of the top level's."""
+  return ml_collections.ConfigDict(dict(
+      name=placeholder(str), by_epoch=placeholder(bool), milestones=placeholder(tuple),
+      gamma=placeholder(float), power=placeholder(float), min_lr=placeholder(float),
+      warmup=placeholder(str), warmup_ratio=placeholder(float), **durations.fields("warmup")))
+
+
+def kind_optimizer(**fields) -> ml_collections.ConfigDict:
+  """``optimizer.binary`` / ``.real`` / ``.norm``: the top-level optimizer's fields, all None
+  (inherited), and a ``schedule`` over the top-level one. Binary kernels' also take ``clip`` and
+  Bop's ``threshold``, ``gamma`` (scheduled by ``schedule``) and ``threshold_schedule``."""
+  return ml_collections.ConfigDict(dict(
+      name=placeholder(str), lr=placeholder(float), momentum=placeholder(float),
+      nesterov=placeholder(bool), weight_decay=placeholder(float),
+      norm_decay_mult=placeholder(float), b1=placeholder(float), b2=placeholder(float),
+      eps=placeholder(float), schedule=schedule_override(), **fields))
 
 
 def model_section(**fields) -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@ pipeline and shardings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -18,7 +19,8 @@ from bnn_jax.convert import load_state_dict, torch_to_flax
 from bnn_jax.ede import ede_schedule
 from bnn_jax.errors import ConfigError
 from bnn_jax.models import abstract_variables, build_model
-from bnn_jax.optim import make_lr_schedule, make_optimizer
+from bnn_jax.optim import kind_groups, make_kind_optimizer, make_lr_schedule, make_optimizer
+from bnn_jax.variables import VariableKinds, variable_kinds
 
 
 @dataclasses.dataclass
@@ -48,6 +50,16 @@ class Experiment:
     the run's) on this config's inputs, computed without running it."""
     return abstract_variables(model or self.model, self.input_shape)
 
+  @functools.cached_property
+  def variable_kinds(self) -> VariableKinds:
+    """Which parameters are binary kernels, normalisation parameters or the rest, and the stage
+    of each binary kernel (:mod:`bnn_jax.variables`), read off the model without running it."""
+    return variable_kinds(self.model, self.input_shape)
+
+  def train_sums(self):
+    """The train step's empty accumulator: with this model's flip ratios (:func:`step.train_sums`)."""
+    return step.zero_sums(step.train_sums(self.variable_kinds.stages))
+
   def lr_schedule(self, steps_per_epoch: int, total_steps: int):
     """The learning rate at each step of a run of this length (``schedule`` from ``optimizer.lr``)."""
     schedule_config = self.config.schedule.copy_and_resolve_references()
@@ -66,12 +78,18 @@ class Experiment:
 
   def make_optimizer(self, steps_per_epoch: int, total_steps: int
                      ) -> Tuple[optax.GradientTransformation, step.Schedules]:
-    """(tx, the run's schedules) for a run of this length; tx follows ``schedules.lr``."""
+    """(tx, the run's schedules) for a run of this length; tx follows ``schedules.lr`` or, with
+    an optimizer per kind of variable (``optimizer.binary`` …), ``schedules.others`` too."""
     schedules = self.schedules(steps_per_epoch, total_steps)
     template = self.variables_template()
-    tx = make_optimizer(self.config.optimizer, schedules.lr, template["params"],
-                        template["batch_stats"])
-    return tx, schedules
+    if kind_groups(self.config.optimizer, self.config.schedule) is None:
+      tx = make_optimizer(self.config.optimizer, schedules.lr, template["params"],
+                          template["batch_stats"])
+      return tx, schedules
+    tx, values = make_kind_optimizer(self.config.optimizer, self.config.schedule, steps_per_epoch,
+                                     total_steps, template["params"], template["batch_stats"],
+                                     self.variable_kinds.kinds)
+    return tx, dataclasses.replace(schedules, lr=values.pop("lr", None), others=values)
 
   @property
   def objective(self) -> step.Objective:
@@ -115,7 +133,7 @@ class Experiment:
     train_step = step.make_train_step(
         self.model, tx, schedules, self.objective, teacher,
         axis_name=parallel.DATA_AXIS if mode == "per_device" else None,
-        teacher_batchnorm=self.config.teacher.batchnorm)
+        teacher_batchnorm=self.config.teacher.batchnorm, binary_stages=self.variable_kinds.stages)
     return parallel.jit_train_step(train_step, self.mesh, mode)
 
   def init_state(self, tx: optax.GradientTransformation) -> step.TrainState:

@@ -101,8 +101,9 @@ class Reporter:
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
   def plot(self, filename: str = "curves.png") -> Optional[str]:
-    """Loss, accuracy, learning rate and the other scheduled values (EDE's k and t) against step,
-    as a PNG in the workdir."""
+    """Loss, accuracy, learning rates, the flip ratios (where the model has binary kernels) and
+    the other scheduled values (EDE's k and t, Bop's gamma and threshold) against step, as a PNG
+    in the workdir."""
     records = self.history()
     if not is_writer() or not records:
       return None
@@ -114,19 +115,27 @@ class Reporter:
       rows = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
       return [s for s, _ in rows], [v for _, v in rows]
 
-    others = sorted({key for r in records if r["split"] == "train" for key in r}
-                    - set(TRAIN_MEANS) - {"step", "split", "lr"})
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    train_keys = {key for r in records if r["split"] == "train" for key in r}
+    rates = sorted(k for k in train_keys if k == "lr" or k.startswith("lr/"))
+    flips = sorted(k for k in train_keys if k.startswith("flip_ratio"))
+    others = sorted(train_keys - set(TRAIN_MEANS) - {"step", "split"} - set(rates) - set(flips))
+    fig, axes = plt.subplots(1, 5 if flips else 4, figsize=(22 if flips else 18, 4))
     for split in ("train", "eval"):
       axes[0].plot(*series(split, "loss"), label=split, marker="o" if split == "eval" else None)
       axes[1].plot(*series(split, "top1"), label=f"{split} top-1", marker="o" if split == "eval" else None)
-    axes[2].plot(*series("train", "lr"))
+    for key in rates:
+      axes[2].plot(*series("train", key), label=key if len(rates) > 1 else None)
+    for key in flips:  # the share of binary weights flipped per step, on a log scale
+      axes[4].plot(*series("train", key), label=key, linewidth=2 if key == "flip_ratio" else 1)
+    if flips:
+      axes[4].set_yscale("log")
     for key in others:
       axes[3].plot(*series("train", key), label=key)
     if not others:
       axes[3].text(0.5, 0.5, "nothing else scheduled", ha="center", va="center",
                    transform=axes[3].transAxes)
-    for ax, title in zip(axes, ("loss", "accuracy", "learning rate", "other scheduled values")):
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate", "other scheduled values",
+                                "flip ratio (per step)")):
       ax.set_title(title)
       ax.set_xlabel("step")
       ax.grid(alpha=0.3)

@@ -5,7 +5,9 @@ few steps, so no step waits on the host. The train step's ``loss`` metric is
 the whole objective (CE and, with a teacher, KD and attention transfer); the
 eval step's is cross-entropy. The train step also returns the values its
 schedules took (learning rate, EDE's k and t, …) by name, for the loop to report
-without knowing what they are.
+without knowing what they are. Given the stages of the binary kernels, it also sums
+the flip ratio of each step (the share of binary weights whose sign changed, sign(0)
+= +1), overall and per stage, in the same accumulator: no transfer of its own.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bnn_jax import optim
 from bnn_jax.binarize import EDE
 from bnn_jax.errors import ConfigError
 from bnn_jax.losses import (ATTENTION_NORMS, KD_LOSSES, attention_transfer, cross_entropy,
@@ -38,28 +41,59 @@ class TrainState:
 def init_state(model, tx: optax.GradientTransformation, rng: jax.Array, input_shape) -> TrainState:
   """Fresh variables and optimizer state for ``model`` (float32 parameters)."""
   variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
-  params = variables["params"]
+  params = optim.prepare_params(tx, variables["params"])  # Bop's kernels: ±1
   return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
                     tx.init(params))
 
 
 SUMS = ("loss_sum", "top1_sum", "top5_sum", "count")
+FLIP_RATIO = "flip_ratio"
 
 
-def zero_sums() -> Metrics:
-  """The empty accumulator of the train and eval steps' sums."""
-  return {name: jnp.zeros((), jnp.result_type(float)) for name in SUMS}
+def train_sums(stages: Any = None) -> Tuple[str, ...]:
+  """The names the train step sums: :data:`SUMS` and, for a model with binary kernels
+  (``stages``: :attr:`bnn_jax.variables.VariableKinds.stages`), the steps and their flip ratios."""
+  names = sorted({s for s in jax.tree_util.tree_leaves(stages) if s}) if stages is not None else []
+  if not names:
+    return SUMS
+  return SUMS + ("steps", FLIP_RATIO) + tuple(f"{FLIP_RATIO}/{name}" for name in names)
+
+
+def zero_sums(names: Tuple[str, ...] = SUMS) -> Metrics:
+  """The empty accumulator of the train and eval steps' sums (:func:`train_sums`'s names)."""
+  return {name: jnp.zeros((), jnp.result_type(float)) for name in names}
+
+
+def flip_ratios(old_params: Any, new_params: Any, stages: Any) -> Metrics:
+  """The share of binary weights whose sign (sign(0) = +1) differs between ``old_params`` and
+  ``new_params``, of all of them (``flip_ratio``) and of each stage (``flip_ratio/<stage>``)."""
+  flipped: Dict[str, jax.Array] = {}
+  sizes: Dict[str, int] = {}
+  for old, new, stage in zip(jax.tree_util.tree_leaves(old_params),
+                             jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(stages)):
+    if stage:
+      changed = jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32)
+      flipped[stage] = flipped.get(stage, 0) + changed
+      sizes[stage] = sizes.get(stage, 0) + old.size
+  ratio = lambda n, size: n.astype(jnp.result_type(float)) / size  # noqa: E731
+  return {FLIP_RATIO: ratio(sum(flipped.values()), sum(sizes.values()))} | {
+      f"{FLIP_RATIO}/{stage}": ratio(flipped[stage], sizes[stage]) for stage in flipped}
+
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedules:
-  """What changes with the step: the learning rate and, for IR-Net, EDE (None: its initial value)."""
-  lr: optax.Schedule
+  """What changes with the step: the learning rate (None where no variable follows the top-level
+  one), the other optimizers' hyper-parameters by reported name (``lr/binary``, Bop's
+  ``gamma/binary``, …) and, for IR-Net, EDE (None: its initial value)."""
+  lr: Optional[optax.Schedule]
   ede: Optional[Callable[[jax.Array], EDE]] = None
+  others: Dict[str, optax.Schedule] = dataclasses.field(default_factory=dict)
 
   def at(self, step: jax.Array) -> Tuple[EDE, Metrics]:
     """(the EDE value the model uses at ``step``, every scheduled value by its reported name)."""
-    values = {"lr": self.lr(step)}
+    values = {} if self.lr is None else {"lr": self.lr(step)}
+    values |= {name: schedule(step) for name, schedule in self.others.items()}
     if self.ede is None:
       return EDE.initial(), values
     ede = self.ede(step)
@@ -145,9 +179,15 @@ TEACHER_BATCHNORM = ("running", "batch")
 
 def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedules,
                     objective: Objective = Objective(), teacher=None,
-                    axis_name: Optional[str] = None, teacher_batchnorm: str = "running"):
+                    axis_name: Optional[str] = None, teacher_batchnorm: str = "running",
+                    binary_stages: Any = None):
   """(state, batch, sums, teacher_variables) -> (state, sums, scheduled values): one step on
   {'image', 'label'}; the values (:meth:`Schedules.at`) are those this step used.
+
+  ``tx``: an optax transformation or a :class:`bnn_jax.optim.Optimizer` (its projection follows
+  each update). ``binary_stages`` (:attr:`bnn_jax.variables.VariableKinds.stages`): the flip
+  ratios of the binary kernels are summed too, where ``sums`` has their names
+  (:func:`train_sums`).
 
   ``teacher`` (a model) runs on the same images, under stop_gradient, inside this step; its
   variables are an argument (``{}`` without a teacher), never in the state, never updated.
@@ -193,7 +233,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedule
       grads, batch_stats = jax.lax.pmean((grads, batch_stats), axis_name)
       batch_metrics = jax.lax.psum(batch_metrics, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = optim.apply_updates(tx, state.params, updates)
+    if binary_stages is not None and FLIP_RATIO in sums:  # replicated params: the same everywhere
+      batch_metrics |= {"steps": jnp.ones((), jnp.result_type(float))} | flip_ratios(
+          state.params, params, binary_stages)
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
     return new_state, _add(sums, batch_metrics), scheduled
 
@@ -213,7 +256,7 @@ def make_eval_step(model):
 
 
 def _add(sums: Metrics, batch_metrics: Metrics) -> Metrics:
-  return {name: sums[name] + batch_metrics[name] for name in SUMS}
+  return {name: sums[name] + batch_metrics[name] for name in sums}
 
 
 def fetch(values: Metrics) -> Dict[str, float]:
@@ -222,7 +265,10 @@ def fetch(values: Metrics) -> Dict[str, float]:
 
 
 def summarize(sums: Dict[str, float]) -> Dict[str, float]:
-  """Means of fetched sums: loss, top1, top5 (fractions) over ``count`` examples."""
+  """Means of fetched sums: loss, top1, top5 (fractions) over ``count`` examples, and the flip
+  ratios over the ``steps`` they were summed over."""
   count = max(sums["count"], 1.0)
+  steps = max(sums.get("steps", 0.0), 1.0)
   return {"loss": sums["loss_sum"] / count, "top1": sums["top1_sum"] / count,
-          "top5": sums["top5_sum"] / count}
+          "top5": sums["top5_sum"] / count} | {
+              name: value / steps for name, value in sums.items() if name.startswith(FLIP_RATIO)}

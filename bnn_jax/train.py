@@ -23,7 +23,7 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import load_transform
 from bnn_jax.report import Reporter
-from bnn_jax.step import TrainState, fetch, make_eval_step, summarize, zero_sums
+from bnn_jax.step import TrainState, fetch, make_eval_step, summarize
 from bnn_jax.workdir import claim
 
 
@@ -186,7 +186,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         "best": best, "teacher": teacher_record})
 
   def fresh_sums():  # a new buffer each time: the step donates the sums it is given
-    return jax.device_put(zero_sums(), parallel.replicated(mesh))
+    return jax.device_put(experiment.train_sums(), parallel.replicated(mesh))
 
   preemption = _Preemption()
   batches = parallel.prefetch_to_devices(

@@ -10,6 +10,12 @@ pad-4 random crop + horizontal flip, CIFAR mean/std, Adam (lr 1e-3, betas 0.9/0.
 no weight decay, the learning rate decayed linearly to 0 per iteration over the run, plain
 cross-entropy; EDE (IR-Net) over the run's epochs. 200 epochs; ``--config.train.epochs=2`` is
 the CPU run of the README.
+
+``<method>_bop`` (e.g. ``birealnet_r18_bop``): the same run with the binary kernels trained by
+Bop (larq's ``CaseOptimizer(Bop, default_optimizer=Adam)``; ±1 from the start, no latent
+weights): threshold 1e-8, gamma 1e-4, gamma ×0.1 half way (epoch 100 of 200), as Helwegen et
+al.'s CIFAR-10 runs (1e-4, ×0.1 every 100 epochs); everything else (real convolutions, BatchNorm,
+PReLU, head) keeps the protocol's Adam and schedule.
 """
 from bnn_jax.config import cifar10, default_config, load_config
 
@@ -18,9 +24,21 @@ METHODS = {"irnet_r18": "irnet_r18", "birealnet_r18": "birealnet_r18",
            "reactnet_r18": "reactnet_r18_step2", "strong_baseline": "strong_baseline_step2"}
 
 
+# optimizer variant -> what it changes in the optimizer section
+VARIANTS = {"bop": dict(binary=dict(name="bop", threshold=1e-8, gamma=1e-4, schedule=dict(
+    name="step", by_epoch=True, milestones=(100,), gamma=0.1, warmup_steps=0)))}
+
+
 def get_config(method="birealnet_r18"):
-  if method not in METHODS:
-    raise ValueError(f"configs/cifar10_short.py takes one of {sorted(METHODS)}, not {method!r}")
+  name, variant = method, None
+  for suffix in VARIANTS:
+    if method.endswith(f"_{suffix}"):
+      name, variant = method[:-len(suffix) - 1], suffix
+  if name not in METHODS:
+    raise ValueError(f"configs/cifar10_short.py takes one of {sorted(METHODS)}, alone or with a "
+                     f"suffix of {[f'_{v}' for v in VARIANTS]} (e.g. birealnet_r18_bop), not "
+                     f"{method!r}")
+  method = name
   recipe = load_config(METHODS[method])
   c = default_config()
   c.model = recipe.model
@@ -31,4 +49,6 @@ def get_config(method="birealnet_r18"):
   c.schedule.update(name="poly", power=1.0, by_epoch=False, min_lr=0.0)
   c.ede.enabled = recipe.ede.enabled  # over the whole run
   c.train.update(epochs=200, batch_size=256, log_every=50)
+  if variant:
+    c.optimizer.update(VARIANTS[variant])  # nested dicts update the sections field by field
   return c

@@ -35,9 +35,12 @@ def shared_dir():
 def digits_run(tmp_path_factory):
   """Two epochs of the width-8 quickstart on digits, never stopped: 46 steps, 23 per epoch (the
   last batch of each filled from the epoch's start), checkpoints at 23 and 46, evaluated at 46.
+  Its binary kernels are trained by Bop (±1, larq's CaseOptimizer with Adam on the rest), so
+  resuming, evaluating and damaging it covers a per-kind optimizer's state too.
   Shared by the tests that resume, damage, evaluate or refuse it (they never change it)."""
   from bnn_jax.train import train_and_evaluate
   from helpers import digits_config
   config = digits_config(epochs=2, eval_every_epochs=2, checkpoint_every_epochs=1, max_to_keep=2)
+  config.optimizer.binary.update(name="bop", threshold=1e-6, gamma=1e-2)
   workdir = str(tmp_path_factory.mktemp("digits_run"))
   return config, workdir, train_and_evaluate(config, workdir)
