@@ -7,9 +7,15 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+from bnn_jax import parallel
+from bnn_jax.checkpoint import Checkpoints
 from bnn_jax.evaluate import evaluate_checkpoint
+from bnn_jax.models import build_model
+from bnn_jax.variables import variable_kinds
 
 from conftest import FAST_COMPILE, REPO
 from helpers import digits_config
@@ -53,12 +59,20 @@ def test_eight_devices_match_one_device_and_ddp_by_hand():
 
 
 def test_checkpoint_saved_on_8_devices_evaluates_on_1_and_2(tmp_path):
+  """Trained with Bop on the binary kernels (Adam on the rest): a per-kind optimizer on 8 devices,
+  its kernels still ±1 when evaluated on 1 and 2."""
   workdir = str(tmp_path / "run")
   flags = ["--config=configs/quickstart.py", f"--workdir={workdir}", "--config.model.stem_channels=8",
            "--config.model.base_channels=8", "--config.train.max_steps=6",
-           "--config.train.progress=False", "--config.train.plot=False"]
+           "--config.train.progress=False", "--config.train.plot=False",
+           "--config.optimizer.binary.name=bop", "--config.optimizer.binary.threshold=1e-6"]
   trained = run(["-m", "bnn_jax.train", *flags], 8)
-  assert "8 cpu device(s)" in trained
+  assert "8 cpu device(s)" in trained and "flip_ratio" in trained and "gamma/binary" in trained
+  here = parallel.replicated(parallel.make_mesh())  # restored onto this process's device
+  saved = jax.device_get(Checkpoints(workdir, read_only=True).saved_tree(None, here)[1]["params"])
+  kinds = variable_kinds(build_model(digits_config().model), (1, 8, 8, 1)).kinds
+  binary = [w for w, kind in zip(jax.tree.leaves(saved), jax.tree.leaves(kinds)) if kind == "binary"]
+  assert binary and all(set(np.unique(np.asarray(w))) == {-1.0, 1.0} for w in binary)
   results = [evaluate_checkpoint(digits_config(), workdir),  # here, on this process's 1 device
              json.loads(run(["-m", "bnn_jax.evaluate", *flags[:5], "--json"], 2).splitlines()[-1])]
   for key in ("top1", "top5", "num_examples", "step"):
