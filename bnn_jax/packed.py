@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnn_jax import binarize
-from bnn_jax.errors import ConfigError
+from bnn_jax.errors import ConfigError, one_line
 from bnn_jax.layers import BinaryConv, ExpertBinaryConv, chosen_experts
 from bnn_jax.layers.quant import QuantConv, QuantDense, spatial_padding
 from bnn_jax.models import build_model
@@ -387,14 +387,33 @@ def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[s
     np.savez(file, **arrays)
 
 
+def _read(path: str) -> Dict[str, np.ndarray]:
+  """The arrays of a file :func:`save` wrote; one line naming the file and what is wrong with it
+  (never numpy's advice to load it "unsafely": unpickling an untrusted file runs its code)."""
+  try:
+    with np.load(path) as file:
+      arrays = {name: file[name] for name in file.files}
+  except FileNotFoundError:
+    raise ConfigError(f"no packed model file {path}") from None
+  except Exception as error:  # noqa: BLE001 - whatever a damaged or foreign file raises
+    text = str(error)  # numpy reads a file that is no .npz or .npy as a pickle, and says so
+    reason = ("it holds a pickled object, which is never unpickled" if "Object arrays" in text
+              else "it is no .npz archive" if "pickle" in text or isinstance(error, TypeError)
+              else f"{type(error).__name__}: {one_line(error)}")
+    raise ConfigError(f"{path} is not a packed model file of bnn_jax.export ({reason})") from None
+  missing = sorted({"model", "input_shape"} - set(arrays))
+  if missing:
+    raise ConfigError(f"{path} is not a packed model file of bnn_jax.export (it has no {missing})")
+  return arrays
+
+
 def load(path: str) -> Callable[[jax.Array], jax.Array]:
   """Reads a file written by :func:`save`.
 
   Returns:
     The jitted ``images -> logits`` of the packed model (needs no checkpoint or config).
   """
-  with np.load(path) as file:
-    arrays = {name: file[name] for name in file.files}
+  arrays = _read(path)
   model = build_model(json.loads(str(arrays.pop("model"))))
   arrays.pop("input_shape")
   variables, weights = {}, {}
