@@ -21,7 +21,7 @@ from ml_collections.config_dict import placeholder
 
 from bnn_jax import durations
 from bnn_jax.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-from bnn_jax.errors import ConfigError
+from bnn_jax.errors import ConfigError, one_line
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -32,6 +32,8 @@ def load_config(spec: str, workdirs: Optional[str] = None) -> ml_collections.Con
 
   A bare name (``irnet_r18``) means ``configs/irnet_r18.py``. ``workdirs`` replaces
   :data:`WORKDIRS` for recipes that name other runs (their ``get_config`` takes ``workdirs``).
+  Raises ConfigError, in one line, for a file that is missing, does not load (a syntax error),
+  has no ``get_config``, or whose ``get_config`` raises or returns anything but a ConfigDict.
   """
   path, _, argument = spec.partition(":")
   if not path.endswith(".py"):
@@ -39,13 +41,37 @@ def load_config(spec: str, workdirs: Optional[str] = None) -> ml_collections.Con
   if not os.path.exists(path):
     known = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py"))
     raise ConfigError(f"no config file {path}; configs/ has {known}")
+  get_config = getattr(_load_module(path), "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"config file {path} has no get_config()")
+  args = (argument,) if argument else ()
+  takes_workdirs = "workdirs" in inspect.signature(get_config).parameters
+  call = f"get_config({argument!r})" if argument else "get_config()"
+  try:
+    config = get_config(*args, **({"workdirs": workdirs} if workdirs and takes_workdirs else {}))
+  except Exception as error:  # noqa: BLE001 - whatever the file's own code raises
+    raise ConfigError(f"config file {path}: {call} raised {type(error).__name__}: "
+                      f"{one_line(error)}") from error
+  if not isinstance(config, ml_collections.ConfigDict):
+    returned = "None" if config is None else type(config).__name__
+    raise ConfigError(f"config file {path}: {call} returned {returned}, not an "
+                      "ml_collections.ConfigDict")
+  return config
+
+
+def _load_module(path: str):
+  """The config file ``path`` as a module; one line for a file that does not load."""
   module_spec = importlib.util.spec_from_file_location(
       "config_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  args = (argument,) if argument else ()
-  takes_workdirs = "workdirs" in inspect.signature(module.get_config).parameters
-  return module.get_config(*args, **({"workdirs": workdirs} if workdirs and takes_workdirs else {}))
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise ConfigError(f"config file {path}, line {error.lineno}: {error.msg}") from None
+  except Exception as error:  # noqa: BLE001 - an import or a name the file's code lacks
+    raise ConfigError(f"config file {path} does not load: {type(error).__name__}: "
+                      f"{one_line(error)}") from error
+  return module
 
 
 # Where recipes look for the runs they start from or distil from (load_config's ``workdirs``).

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnn_jax import data, parallel, step  # noqa: E402
+from bnn_jax import cli, data, parallel, step  # noqa: E402
 from bnn_jax.config import load_config  # noqa: E402
 from bnn_jax.experiment import Experiment  # noqa: E402
 from bnn_jax.models import build_model, init_variables  # noqa: E402
@@ -155,4 +155,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.script(main)

@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnn_jax import cli  # noqa: E402
 from bnn_jax.layers import conv2d, per_sample_conv2d  # noqa: E402
 from benchmark_packed import median_seconds  # noqa: E402  (scripts/, this script's folder)
 
@@ -59,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.script(main)

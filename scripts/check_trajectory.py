@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bnn_jax import cli  # noqa: E402
 from bnn_jax.parity import report_fixtures  # noqa: E402
 from bnn_jax.trajectory import check_trajectory  # noqa: E402
 
@@ -24,4 +25,4 @@ def main(paths):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.script(lambda: main(sys.argv[1:]))
