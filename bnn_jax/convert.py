@@ -188,11 +188,15 @@ def is_released_hcebnn(state_dict: Mapping[str, Any]) -> bool:
   return any(k.endswith(".alpha2") for k in state_dict)
 
 
-def hcebnn_training_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+def hcebnn_training_keys(state_dict: Mapping[str, Any], released: Optional[bool] = None
+                         ) -> Dict[str, Any]:
   """A released HCEBNN state dict under the training code's names (which our model has):
   ``conv2_1.*`` → ``conv1.conv2_1.*`` (the stem), ``activationK`` → ``actK``,
-  ``alpha2`` → ``activation_post_process.alpha``. Other state dicts are returned as they are."""
-  if not is_released_hcebnn(state_dict):
+  ``alpha2`` → ``activation_post_process.alpha``. Other state dicts are returned as they are.
+  ``released``: whether the keys are the released model's (default: told by
+  :func:`is_released_hcebnn`; give it for a part of a state dict, such as its running
+  statistics, which has no ``alpha2`` to tell)."""
+  if not (is_released_hcebnn(state_dict) if released is None else released):
     return dict(state_dict)
   renamed = {}
   for key, value in state_dict.items():

@@ -9,6 +9,7 @@ dict, recomputes all of them here and reports the norm-wise relative errors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Dict, List, Tuple
@@ -84,9 +85,9 @@ def _model_and_state_dict(original: Dict[str, Any], fixture: Dict[str, np.ndarra
   keys such as ``grad/…``): an HCEBNN fixture (it has ``num_experts``) or one of the original's."""
   state_dict = with_prefix(fixture, "state_dict/")
   if "num_experts" in original:
-    released = is_released_hcebnn(state_dict)
-    return (model_config_from_hcebnn(original, released), hcebnn_training_keys(state_dict),
-            hcebnn_training_keys)
+    released = is_released_hcebnn(state_dict)  # once: the statistics and gradients cannot tell
+    rename = functools.partial(hcebnn_training_keys, released=released)
+    return model_config_from_hcebnn(original, released), rename(state_dict), rename
   return model_config_from_original(original), state_dict, dict
 
 
@@ -103,7 +104,8 @@ def _gate_choice_mismatch(collections: Dict[str, Any], description: Dict[str, An
 
 def check_fixture(npz_path: str) -> ParityReport:
   """Recomputes a fixture's outputs and gradients here and compares them with the original's
-  (with those the fixture has: a fixture of an inference model may have no gradients)."""
+  (those the fixture has, computing only those: a fixture of an inference model may have no
+  gradients or eval logits)."""
   original, fixture = read_fixture(npz_path)
   model_config, state_dict, rename = _model_and_state_dict(original, fixture)
   model = build_model(model_config)
@@ -125,12 +127,16 @@ def check_fixture(npz_path: str) -> ParityReport:
     return loss, (logits, collections)
 
   once = run_once_compiler_options()  # each program runs once: compile it fast
-  (loss, (logits_train, collections)), grads = jax.jit(
-      jax.value_and_grad(train_loss, has_aux=True), compiler_options=once)(params)
-  logits_eval = jax.jit(lambda v: model.apply(v, images, train=False, ede=ede),
-                        compiler_options=once)(variables)
-
-  computed = {"logits_eval": logits_eval, "logits_train": logits_train, "loss_train": loss}
+  grad_state_dict = rename(with_prefix(fixture, "grad/"))
+  if grad_state_dict:
+    (loss, (logits_train, collections)), grads = jax.jit(
+        jax.value_and_grad(train_loss, has_aux=True), compiler_options=once)(params)
+  else:  # an inference model's fixture: no backward to compile
+    loss, (logits_train, collections) = jax.jit(train_loss, compiler_options=once)(params)
+  computed = {"logits_train": logits_train, "loss_train": loss}
+  if "logits_eval" in fixture:
+    computed = {"logits_eval": jax.jit(lambda v: model.apply(v, images, train=False, ede=ede),
+                                       compiler_options=once)(variables)} | computed
   outputs = {name: relative_error(value, fixture[name])
              for name, value in computed.items() if name in fixture}
   new_stats = by_torch_key(collections["batch_stats"])
@@ -149,7 +155,6 @@ def check_fixture(npz_path: str) -> ParityReport:
                                                             fixture["gate_choice_train"])
 
   rows = []
-  grad_state_dict = rename(with_prefix(fixture, "grad/"))
   if grad_state_dict:
     grad_ref = by_torch_key(torch_to_flax(grad_state_dict, {"params": template["params"]},
                                           torchvision=torchvision)["params"])

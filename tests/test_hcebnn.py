@@ -10,12 +10,14 @@ import pytest
 from bnn_jax import packed
 from bnn_jax.binarize import ste_sign, winner_take_all
 from bnn_jax.bops import analyze_model
-from bnn_jax.convert import hcebnn_training_keys, model_config_from_hcebnn, torch_to_flax
+from bnn_jax.convert import (by_torch_key, hcebnn_training_keys, model_config_from_hcebnn,
+                             torch_to_flax, with_prefix)
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers import SOWN, BinaryConv, ExpertBinaryConv, conv2d, select_experts
 from bnn_jax.models import abstract_variables, build_model
 from bnn_jax.models.hcebnn import STRICT_STE_SIGN, expand_experts, parameters_per_image
-from bnn_jax.parity import check_fixture
+from bnn_jax.parallel import run_once_compiler_options
+from bnn_jax.parity import check_fixture, read_fixture
 
 from conftest import SHARED
 from helpers import random_variables, trained_like
@@ -53,6 +55,44 @@ def test_parity_with_official_code(fixture, shared_dir):
   report = check_fixture(str(HCEBNN_DIR / f"{fixture}.npz"))
   assert report.passed, "\n".join(report.lines())
   assert report.outputs["gate_choice_mismatch"] == 0.0
+
+
+def released_form(key: str) -> str:
+  """A training-code key as the released model (``test/model.py``) names it."""
+  parts = key.split(".")
+  if parts[0] == "conv1" and len(parts) > 2:  # the stem: conv1.conv2_1.0.weight -> conv2_1.0.weight
+    parts = parts[1:]
+  parts = [f"activation{p[3:]}" if p[:3] == "act" and p[3:].isdigit() else p for p in parts]
+  return ".".join(parts).replace("activation_post_process.alpha", "alpha2")
+
+
+def test_a_released_form_fixture_with_post_step_statistics_is_checked(shared_dir, tmp_path):
+  """Whether a fixture is of the released model is decided once, from its state dict (alpha2):
+  its statistics after the step, which have no alpha2 to tell, are named as the released model
+  names them too. The fixture is made from a training-code one (the released downsample convs
+  have a scale and no SE), its statistics computed here by the released model."""
+  description, arrays = read_fixture(str(HCEBNN_DIR / "hcebnn_binary.npz"))
+  state_dict = with_prefix(arrays, "state_dict/")
+  released = {released_form(k): v for k, v in state_dict.items()
+              if not (".downsample." in k and ".se_fc." in k)}
+  for key in state_dict:
+    if ".downsample." in key and key.endswith(".fc.weight"):  # each downsample expert conv
+      conv = key[:-len(".fc.weight")]
+      released[f"{conv}.alpha2"] = np.ones((1, state_dict[f"{conv}.weight"].shape[1], 1, 1))
+  model = build_model(model_config_from_hcebnn(description, released=True))
+  images = jnp.asarray(arrays["input_nchw"].transpose(0, 2, 3, 1))
+  variables = torch_to_flax(hcebnn_training_keys(released), abstract_variables(model, images.shape))
+  _, updates = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]),
+                       compiler_options=run_once_compiler_options())(variables)
+  statistics = {released_form(k[len("backbone."):]): v
+                for k, v in by_torch_key(updates["batch_stats"]).items()}
+  np.savez(tmp_path / "released.npz", input_nchw=arrays["input_nchw"], labels=arrays["labels"],
+           **{f"state_dict/{k}": v for k, v in released.items()},
+           **{f"running_after_train_step/{k}": v for k, v in statistics.items()})
+  (tmp_path / "released.json").write_text(json.dumps(description))
+  report = check_fixture(str(tmp_path / "released.npz"))
+  assert set(report.outputs) == {"running_mean_after_step", "running_var_after_step"}
+  assert report.passed, "\n".join(report.lines())
 
 
 def test_each_sample_is_convolved_with_its_selected_expert_alone():
