@@ -59,6 +59,8 @@ class Source:
   make: Callable[[Optional[int]], "tf.data.Dataset"]  # file-shuffle seed (None: file order)
   num_examples: int  # in the whole split, all processes together
   process_examples: int  # in this process's shard
+  num_classes: int  # labels are 0 … num_classes − 1
+  channels: int = 3  # of the decoded images (encoded files decode as RGB)
 
 
 def input_shape(config) -> Tuple[int, int, int, int]:
@@ -88,7 +90,8 @@ def _digits_source(split: str, process_index: int, process_count: int) -> Source
   images, labels = all_images[process_index::process_count], all_labels[process_index::process_count]
   tf_ = _tf()
   return Source(lambda seed: tf_.data.Dataset.from_tensor_slices({"image": images, "label": labels}),
-                num_examples=len(all_labels), process_examples=len(labels))
+                num_examples=len(all_labels), process_examples=len(labels), num_classes=10,
+                channels=all_images.shape[-1])
 
 
 def _check_imagenet(builder, data_dir: Optional[str]) -> None:
@@ -130,6 +133,7 @@ def _image_folder_source(root: Optional[str], split: str, process_index: int,
   if not root or not os.path.isdir(os.path.join(root, split)):
     raise DataError(f"image folder split not found: {os.path.join(root or '<dataset.path unset>', split)} "
                     "(expected dataset.path/<split>/<class>/*.jpg)")
+  _check_same_classes(root)
   builder = tfds.ImageFolder(root)
   if split not in builder.info.splits or not builder.info.splits[split].num_examples:
     raise DataError(f"no images in class folders under {os.path.join(root, split)} (expected "
@@ -146,7 +150,22 @@ def _image_folder_source(root: Optional[str], split: str, process_index: int,
     return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"],
                               "filename": ex["image/filename"]})
 
-  return Source(make, num_examples, len(range(process_index, num_examples, process_count)))
+  return Source(make, num_examples, len(range(process_index, num_examples, process_count)),
+                num_classes=builder.info.features["label"].num_classes)
+
+
+def _check_same_classes(root: str) -> None:
+  """Every split of an image folder must have the same class folders: ImageFolder numbers the
+  labels over all of them, so a class one split lacks moves the others' labels."""
+  subfolders = lambda path: {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}  # noqa: E731
+  classes = {split: subfolders(os.path.join(root, split)) for split in sorted(subfolders(root))}
+  every = set().union(*classes.values())
+  lacking = [f"{split} lacks {sorted(every - names)}" for split, names in classes.items()
+             if every - names]
+  if lacking:
+    raise DataError(f"the splits of image folder {root} have different class folders "
+                    f"({'; '.join(lacking)}); labels are numbered over all of them, so every split "
+                    "needs the same class folders")
 
 
 def _builder_source(builder, split: str, process_index: int, process_count: int) -> Source:
@@ -164,7 +183,8 @@ def _builder_source(builder, split: str, process_index: int, process_count: int)
                               "filename": ex.get("file_name", ex.get("id", tf.constant("")))})
 
   return Source(make, num_examples=splits[split].num_examples,
-                process_examples=splits[shard].num_examples)
+                process_examples=splits[shard].num_examples,
+                num_classes=builder.info.features["label"].num_classes)
 
 
 def train_examples(config) -> int:
@@ -174,15 +194,23 @@ def train_examples(config) -> int:
 
 
 def open_source(config, split: str, process_index: int = 0, process_count: int = 1) -> Source:
-  """The split ``split`` of the data set ``config`` (a ``dataset`` config section) names."""
+  """The split ``split`` of the data set ``config`` (a ``dataset`` config section) names, checked
+  to have as many channels as ``dataset.mean`` and ``dataset.std`` have values."""
   name = config.name
   if name == "digits":
-    return _digits_source(split, process_index, process_count)
-  if name == "image_folder":
-    return _image_folder_source(config.get("path"), split, process_index, process_count)
-  if name in ("cifar10", "cifar100", "imagenet2012"):
-    return _tfds_source(name, split, config.get("path"), process_index, process_count)
-  raise ConfigError(f"unknown dataset {name!r}; valid: {list(SOURCES)}")
+    source = _digits_source(split, process_index, process_count)
+  elif name == "image_folder":
+    source = _image_folder_source(config.get("path"), split, process_index, process_count)
+  elif name in ("cifar10", "cifar100", "imagenet2012"):
+    source = _tfds_source(name, split, config.get("path"), process_index, process_count)
+  else:
+    raise ConfigError(f"unknown dataset {name!r}; valid: {list(SOURCES)}")
+  sizes = {field: len(config[field]) for field in ("mean", "std")}
+  if set(sizes.values()) != {source.channels}:
+    raise ConfigError(f"{name} images have {source.channels} channel(s), but dataset.mean has "
+                      f"{sizes['mean']} value(s) and dataset.std {sizes['std']}: give each "
+                      f"{source.channels}")
+  return source
 
 
 # --- Preprocessing -------------------------------------------------------------------

@@ -12,19 +12,21 @@ import json
 import jax
 from absl import flags
 
-from bnn_jax import cli, packed, parallel
-from bnn_jax.checkpoint import Checkpoints
+from bnn_jax import cli, packed, parallel, report
+from bnn_jax.checkpoint import Checkpoints, config_json, model_check
 from bnn_jax.experiment import Experiment
 from bnn_jax.step import TrainState, make_eval_step
 
 
 def restore_checkpoint(config, workdir: str, step=None):
-  """(experiment, variables, step) of a workdir's checkpoint (latest, or ``step``)."""
+  """(experiment, variables, step) of a workdir's checkpoint (latest, or ``step``), refused when
+  it holds another model configuration than ``config.model`` (:func:`checkpoint.model_check`)."""
   experiment = Experiment.from_config(config)
   checkpoints = Checkpoints(workdir, read_only=True)
+  name = f"the config's ({config.model.arch})"
   variables, meta = checkpoints.restore_variables(
-      experiment.variables_template(), parallel.replicated(experiment.mesh), step,
-      model_name=f"the config's ({config.model.arch})")
+      experiment.variables_template(), parallel.replicated(experiment.mesh), step, model_name=name,
+      check=model_check(config_json(config.model), name, advice="give --config the run's config"))
   return experiment, variables, int(meta["step"])
 
 
@@ -51,6 +53,20 @@ def evaluate_checkpoint(config, workdir: str, step=None, bit_packed: bool = Fals
   return experiment.evaluate(state, eval_step) | {"step": step}
 
 
+def print_report(metrics: dict, as_json: bool) -> None:
+  """The metrics' line and ``--json``'s (a non-finite value as null); a non-finite metric ends in
+  one error line: it is no result to compare or record."""
+  print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
+        f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s))")
+  clean, bad = report.finite(metrics)
+  if as_json:
+    print(json.dumps(clean, allow_nan=False))
+  if bad:
+    cli.fail(f"eval {', '.join(bad)} not finite ({metrics[bad[0]]}) at step {metrics['step']}: "
+             "some logits are NaN or infinite, so this is no valid result")
+
+
 def main():
   config = cli.config_flag("The run's config file.")
   workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
@@ -61,11 +77,7 @@ def main():
   def body():
     parallel.initialize_distributed(config.value.parallel)
     metrics = evaluate_checkpoint(config.value, workdir.value, step.value, bit_packed.value)
-    print(f"step {metrics['step']}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
-          f"loss {metrics['loss']:.4f}  ({metrics['num_examples']} images, {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s))")
-    if as_json.value:
-      print(json.dumps(metrics))
+    print_report(metrics, as_json.value)
 
   cli.run(body, required=(config, workdir))
 

@@ -14,7 +14,7 @@ import jax
 import optax
 
 from bnn_jax import data, durations, parallel, step
-from bnn_jax.checkpoint import Checkpoints
+from bnn_jax.checkpoint import Checkpoints, config_json, model_check
 from bnn_jax.convert import load_state_dict, torch_to_flax
 from bnn_jax.ede import ede_schedule
 from bnn_jax.errors import ConfigError
@@ -43,7 +43,15 @@ class Experiment:
     return self.config.train.eval_batch_size or self.config.train.batch_size
 
   def source(self, split: str) -> data.Source:
-    return data.open_source(self.config.dataset, split, jax.process_index(), jax.process_count())
+    """A split of the config's data set, checked to have no label outside the model's classes
+    (an out-of-range label has no logit: a NaN loss, and no prediction can match it)."""
+    source = data.open_source(self.config.dataset, split, jax.process_index(), jax.process_count())
+    classes = self.config.model.num_classes
+    if source.num_classes > classes:
+      raise data.DataError(f"{self.config.dataset.name} split {split!r} has {source.num_classes} "
+                           f"classes (labels 0-{source.num_classes - 1}), more than the model's "
+                           f"model.num_classes={classes}")
+    return source
 
   def variables_template(self, model=None) -> Dict[str, Any]:
     """Shapes of ``params`` and ``batch_stats`` (``{}`` for a model without) of ``model`` (default:
@@ -114,8 +122,10 @@ class Experiment:
     template = self.variables_template(model)
     sharding = parallel.replicated(self.mesh)
     if os.path.isdir(teacher.checkpoint):
+      name = f"the teacher ({teacher.model.arch})"
       variables, meta = Checkpoints(teacher.checkpoint, read_only=True).restore_variables(
-          template, sharding, teacher.step, model_name=f"the teacher ({teacher.model.arch})")
+          template, sharding, teacher.step, model_name=name,
+          check=model_check(config_json(teacher.model), name, advice="fix teacher.model"))
       step_restored = meta.get("step")
     elif os.path.isfile(teacher.checkpoint):
       variables = jax.device_put(torch_to_flax(load_state_dict(teacher.checkpoint), template), sharding)

@@ -8,13 +8,16 @@ checkpoint's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import jax
 import numpy as np
 from absl import flags
 
 from bnn_jax import cli, packed
+from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import restore_checkpoint
 
 
@@ -23,12 +26,34 @@ def directory_bytes(path: str) -> int:
              for root, _, names in os.walk(path) for name in names)
 
 
+@contextlib.contextmanager
+def written_atomically(out: str) -> Iterator[str]:
+  """A temporary path beside ``out`` for the ``with`` block to write, renamed to ``out`` when the
+  block succeeds and removed when it fails: ``out`` is never a truncated file (a full disk), and a
+  file it replaces stays whole until then. Where nothing can be written (a missing or read-only
+  directory) it fails at once; every failure to write is one line (ConfigError)."""
+  directory, name = os.path.split(os.path.abspath(out))
+  temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+  try:
+    open(temporary, "wb").close()
+    yield temporary
+    os.replace(temporary, out)
+  except OSError as error:
+    raise ConfigError(f"cannot write {out}: {error.strerror or error}") from None
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+
+
 def export(config, workdir: str, out: str, step=None) -> dict:
-  """Writes ``out``; returns its size, the float variables' and the checkpoint step's, in bytes."""
-  experiment, variables, step = restore_checkpoint(config, workdir, step)
-  variables = jax.device_get(variables)
-  weights = packed.pack_weights(experiment.model, variables, experiment.input_shape)
-  packed.save(out, config.model.to_dict(), experiment.input_shape, variables, jax.device_get(weights))
+  """Writes ``out`` (atomically); returns its size, the float variables' and the checkpoint step's,
+  in bytes."""
+  with written_atomically(out) as temporary:
+    experiment, variables, step = restore_checkpoint(config, workdir, step)
+    variables = jax.device_get(variables)
+    weights = packed.pack_weights(experiment.model, variables, experiment.input_shape)
+    packed.save(temporary, config.model.to_dict(), experiment.input_shape, variables,
+                jax.device_get(weights))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(variables))
   return {"step": step, "binary_layers": len(weights), "file_bytes": os.path.getsize(out),
           "float_variables_bytes": float_bytes,

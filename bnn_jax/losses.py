@@ -83,6 +83,9 @@ def attention_transfer(student: Mapping[str, jax.Array], teacher: Mapping[str, j
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k largest logits (ties broken against the label)."""
-  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+  """1.0 where the label is among the k largest logits (ties broken against the label); never
+  for a label outside the classes or a NaN logit of the label, which no comparison ranks."""
+  valid = (labels >= 0) & (labels < logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[:, None], axis=-1)
+  ranked = jnp.sum(logits > label_logit, axis=-1) < k
+  return (ranked & valid & ~jnp.isnan(label_logit[:, 0])).astype(jnp.float32)

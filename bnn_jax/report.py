@@ -6,9 +6,10 @@ across resumes; the PNG is redrawn from it at the end of a run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 
@@ -19,6 +20,14 @@ def is_writer() -> bool:
 
 # What every train summary has besides the values of the step's schedules.
 TRAIN_MEANS = ("loss", "top1", "top5", "images_per_s")
+
+
+def finite(values: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+  """``values`` with each NaN or infinite number as None (JSON has neither), and their names:
+  what a report must say instead of printing them silently."""
+  bad = [name for name, value in values.items()
+         if isinstance(value, float) and not math.isfinite(value)]
+  return {name: None if name in bad else value for name, value in values.items()}, bad
 
 
 class Reporter:
@@ -78,14 +87,18 @@ class Reporter:
     self.log(f"{line} | {images_per_s:.0f} img/s")
 
   def scalars(self, step: int, prefix: str, values: Dict[str, float]) -> None:
-    """TensorBoard scalars and one line of metrics.jsonl."""
+    """TensorBoard scalars and one line of metrics.jsonl (a non-finite value as null, and said)."""
     if not is_writer():
       return
     for name, value in values.items():
       self.writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
     self.writer.flush()
+    clean, bad = finite(values)
+    if bad:
+      self.log(f"step {step}: {prefix} {', '.join(bad)} not finite ({values[bad[0]]}); "
+               "written as null to metrics.jsonl")
     with open(self.metrics_path, "a") as f:
-      f.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+      f.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
 
   def history(self) -> List[dict]:
     if not os.path.exists(self.metrics_path):
@@ -112,7 +125,7 @@ class Reporter:
     import matplotlib.pyplot as plt
 
     def series(split, key):
-      rows = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+      rows = [(r["step"], r[key]) for r in records if r["split"] == split and r.get(key) is not None]
       return [s for s, _ in rows], [v for _, v in rows]
 
     train_keys = {key for r in records if r["split"] == "train" for key in r}

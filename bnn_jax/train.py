@@ -1,16 +1,19 @@
 """``python -m bnn_jax.train --config configs/irnet_r18.py --workdir DIR``: the training loop.
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
-SIGTERM (a scheduler's pre-emption notice) saves a checkpoint and exits
-cleanly; a NaN/Inf loss stops the run and keeps the last good checkpoint.
+Rerunning the same command resumes from the workdir's latest checkpoint; a changed config is
+refused where it would change the run (``--allow_config_change`` continues with it, logged).
+SIGTERM (a scheduler's pre-emption notice) saves a checkpoint and exits cleanly; Ctrl-C saves
+one too and exits with status 1 (a second Ctrl-C stops at once); a NaN/Inf loss stops the run
+and keeps the last good checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
-from typing import Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,9 @@ import numpy as np
 from absl import flags
 
 from bnn_jax import cli, data, durations, parallel
-from bnn_jax.checkpoint import CheckpointError, Checkpoints, partial_load
+from bnn_jax.checkpoint import (RESUME_EXEMPT, RUNTIME_MODEL_FIELDS, STAGE_MODEL_FIELDS,
+                                CheckpointError, Checkpoints, config_json, describe, differences,
+                                model_check, partial_load)
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import load_transform
@@ -37,30 +42,47 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-class _Preemption:
-  """Records SIGTERM so the loop can checkpoint at the next step boundary."""
+class Interrupted(RuntimeError):
+  """Ctrl-C stopped the run (after saving a checkpoint, or at once when pressed twice)."""
 
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+
+# What ends a run in one line (``error: …``, exit status 1) rather than a traceback.
+USER_ERRORS = (ConfigError, NonFiniteLoss, Interrupted)
+
+
+class _StopRequests:
+  """SIGTERM (a scheduler's pre-emption) and Ctrl-C (SIGINT) ask the loop to checkpoint at the
+  next step and stop; Ctrl-C while a request is pending stops at once (KeyboardInterrupt). The
+  previous handlers are back when the ``with`` block ends."""
+
+  def __enter__(self):
+    self.requested: Optional[str] = None  # "SIGTERM" or "Ctrl-C"
+    self._previous = {signum: signal.signal(signum, self._handle)
+                      for signum in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
   def _handle(self, signum, frame):
-    self.requested = True
-
-
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    self.requested = self.requested or ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
 
 def _load_from(experiment: Experiment, state: TrainState, path: str, reporter: Reporter):
-  """Initialises params and batch_stats from another run's latest checkpoint (step 2 from step 1)."""
+  """Initialises params and batch_stats from another run's latest checkpoint (step 2 from step 1):
+  refused when the model configurations differ beyond what a later stage changes
+  (``STAGE_MODEL_FIELDS``, which are logged, and ``RUNTIME_MODEL_FIELDS``)."""
+  model = config_json(experiment.config.model)
+  check = model_check(model, f"this config's ({model['arch']})",
+                      RUNTIME_MODEL_FIELDS + STAGE_MODEL_FIELDS,
+                      advice=f"train.load_from may change only model.{', model.'.join(STAGE_MODEL_FIELDS)}")
   step_loaded, saved, meta = Checkpoints(path, read_only=True).saved_tree(
-      None, parallel.replicated(experiment.mesh))
-  model = experiment.config.model
-  saved_model = meta.get("config", {}).get("model", {})
-  if saved_model and (saved_model.get("backbone"), saved_model.get("arch")) != (model.backbone, model.arch):
-    raise CheckpointError(f"train.load_from {path} holds another model ({saved_model.get('arch')}) "
-                          f"than this config's ({model.arch})")
+      None, parallel.replicated(experiment.mesh), check)
+  saved_model = meta.get("config", {}).get("model")
+  stage_changes = differences(saved_model, model, RUNTIME_MODEL_FIELDS) if saved_model else {}
   params, restored, fresh, unused = partial_load(state.params, saved["params"])
   if experiment.config.train.load_transform:  # a registered change of the loaded parameters
     params = load_transform(experiment.config.train.load_transform)(params)
@@ -68,8 +90,43 @@ def _load_from(experiment: Experiment, state: TrainState, path: str, reporter: R
                                                                 saved.get("batch_stats", {}))
   reporter.log(f"load_from {path} (step {step_loaded}): restored {len(restored)} parameter and "
                f"{len(restored_bs)} statistic tensors; initialised fresh: {fresh + fresh_bs or 'none'}; "
-               f"in the checkpoint but not in this model, not loaded: {unused + unused_bs or 'none'}")
+               f"in the checkpoint but not in this model, not loaded: {unused + unused_bs or 'none'}"
+               + (f"; model changed: {describe(stage_changes, 'model.')}" if stage_changes else ""))
   return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _resume_check(config: Dict[str, Any], allow_config_change: bool):
+  """A restore check refusing to resume a run whose checkpoint was saved with a config that
+  differs from ``config`` in anything but :data:`RESUME_EXEMPT` (unless ``allow_config_change``):
+  such a resume would silently mix two runs."""
+
+  def check(where: str, meta: Dict[str, Any]) -> None:
+    changed = differences(meta.get("config", {}), config, RESUME_EXEMPT)
+    if changed and not allow_config_change:
+      raise CheckpointError(
+          f"checkpoint {where} was saved with another config, and resuming would mix two runs; "
+          f"checkpoint -> this config: {describe(changed)}; rerun with the run's config, use a new "
+          "--workdir, or pass --allow_config_change to continue with the change")
+
+  return check
+
+
+def write_config(workdir: str, config: Dict[str, Any], step: int,
+                 saved: Optional[Dict[str, Any]], reporter: Reporter) -> None:
+  """Writes ``config.json``. Resuming at ``step`` with a config that differs from the one the run
+  was saved with (``saved``) logs every difference and keeps that one as ``config.step<step>.json``."""
+  if jax.process_index() != 0:
+    return
+  changed = differences(saved, config) if saved is not None else {}
+  if changed:
+    kept = os.path.join(workdir, f"config.step{step}.json")
+    if not os.path.exists(kept):  # a later resume at the same step keeps the first version
+      with open(kept, "w") as f:
+        json.dump(saved, f, indent=1)
+    reporter.log(f"config changed at step {step}: {describe(changed)}; the run's config up to "
+                 f"step {step} is kept in {kept}")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f, indent=1)
 
 
 def itstime(step: int, every: int, last: int) -> bool:
@@ -103,48 +160,57 @@ class Throughput:
     return self._rate(self.start, *self.lap_start)
 
 
-def restore_or_init(experiment: Experiment, tx, checkpoints: Checkpoints, reporter: Reporter
-                    ) -> Tuple[TrainState, dict]:
-  """The run's state and best evaluation so far: resumed from the workdir's newest checkpoint
-  that restores (damaged later ones set aside), else fresh, from ``train.load_from`` if set."""
+def restore_or_init(experiment: Experiment, tx, checkpoints: Checkpoints, reporter: Reporter,
+                    allow_config_change: bool = False) -> Tuple[TrainState, dict, Optional[dict]]:
+  """The run's state, best evaluation so far and the config it was saved with: resumed from the
+  workdir's newest checkpoint that restores (damaged later ones set aside; a changed config
+  refused, see :func:`_resume_check`), else fresh, from ``train.load_from`` if set (config None)."""
   config = experiment.config
   state = experiment.init_state(tx)
   best = {"top1": -1.0, "step": None}
   if checkpoints.steps():
     state, meta = checkpoints.restore(state, parallel.replicated(experiment.mesh),
                                       model_name=f"the config's ({config.model.arch})",
-                                      model_config=_config_json(config)["model"])
+                                      check=_resume_check(config_json(config), allow_config_change))
     moved = checkpoints.set_aside_skipped()
     reporter.log(f"resuming from step {int(state.step)} in {checkpoints.directory}"
                  + (f"; damaged later steps set aside, not deleted: {moved}" if moved else ""))
-    return state, meta.get("best", best)
+    return state, meta.get("best", best), meta.get("config", {})
   if config.train.load_from:
     state = _load_from(experiment, state, config.train.load_from, reporter)
-  return state, best
+  return state, best, None
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Trains as ``config`` says in ``workdir``, resuming from its latest checkpoint.
 
   Args:
     config: a whole config: :func:`bnn_jax.config.default_config` with a recipe's changes.
     workdir: where checkpoints, ``config.json``, ``metrics.jsonl``, TensorBoard events and
       ``curves.png`` go; locked for the run (:mod:`bnn_jax.workdir`).
+    allow_config_change: resume even where ``config`` differs from the run's in what shapes
+      its trajectory (each difference is logged, the earlier config kept: :func:`write_config`).
   Returns:
     The last evaluation's ``loss``, ``top1``, ``top5`` and ``num_examples``; ``{}`` when SIGTERM
     stopped the run before any evaluation.
   Raises:
-    ConfigError: a bad config value, or a checkpoint of another model (CheckpointError).
+    ConfigError: a bad config value, a checkpoint of another model or a resume with another
+      config (CheckpointError).
     NonFiniteLoss: the loss or the parameters became NaN/Inf (the last good checkpoint is kept).
+    Interrupted: Ctrl-C (a checkpoint saved first, unless pressed twice).
   """
-  with claim(workdir) as lock:
-    if lock is not None and lock.took_over:
-      print(f"{workdir}: took over the lock of a run that is gone (pid {lock.took_over.get('pid')} "
-            f"on {lock.took_over.get('host')})", flush=True)
-    return _train_and_evaluate(config, workdir)
+  with claim(workdir) as lock, _StopRequests() as stop:
+    if lock is not None and lock.took_over is not None:
+      print(f"{workdir}: took over the lock of {lock.took_over}", flush=True)
+    try:
+      return _train_and_evaluate(config, workdir, allow_config_change, stop)
+    except KeyboardInterrupt:
+      raise Interrupted("Ctrl-C twice: stopped at once, nothing saved since the last "
+                        "checkpoint") from None
 
 
-def _train_and_evaluate(config, workdir: str) -> dict:
+def _train_and_evaluate(config, workdir: str, allow_config_change: bool,
+                        stop: _StopRequests) -> dict:
   experiment = Experiment.from_config(config)
   mesh, batch_size = experiment.mesh, config.train.batch_size
   local_batch = parallel.local_batch_size(batch_size)
@@ -164,12 +230,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   train_step = experiment.make_train_step(tx, schedules, teacher)
   eval_step = parallel.jit_eval_step(make_eval_step(experiment.model), mesh)
   checkpoints = Checkpoints(workdir, config.train.max_to_keep)
-  state, best = restore_or_init(experiment, tx, checkpoints, reporter)
+  state, best, saved_config = restore_or_init(experiment, tx, checkpoints, reporter,
+                                              allow_config_change)
   first_step = int(state.step)
   reporter.truncate_history(first_step)
-  if jax.process_index() == 0:
-    with open(f"{workdir}/config.json", "w") as f:
-      json.dump(_config_json(config), f, indent=1)
+  write_config(workdir, config_json(config), first_step, saved_config, reporter)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   reporter.log(f"{config.model.arch}: {n_params:,} parameters | {config.dataset.name}: "
                f"{train_source.num_examples} train images, {steps_per_epoch} steps/epoch of "
@@ -178,17 +243,15 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   def save(at_step: int) -> None:
     if not bool(all_finite((state.params, state.batch_stats))):  # never a non-finite "last good"
-      raise NonFiniteLoss(f"parameters became non-finite by step {at_step}; not saved. The last "
-                          f"good checkpoint (step {checkpoints.latest_step()}) is intact in "
-                          f"{checkpoints.directory}")
+      raise NonFiniteLoss(f"parameters became non-finite by step {at_step}; not saved; "
+                          f"{checkpoints.last_good()}")
     checkpoints.save(at_step, state, {
-        "config": _config_json(config), "step": at_step, "epoch": at_step / steps_per_epoch,
+        "config": config_json(config), "step": at_step, "epoch": at_step / steps_per_epoch,
         "best": best, "teacher": teacher_record})
 
   def fresh_sums():  # a new buffer each time: the step donates the sums it is given
     return jax.device_put(experiment.train_sums(), parallel.replicated(mesh))
 
-  preemption = _Preemption()
   batches = parallel.prefetch_to_devices(
       data.train_batches(train_source, config.dataset, local_batch, config.train.seed,
                          steps_per_epoch, first_step), mesh)
@@ -208,20 +271,23 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       fetched = fetch(sums | scheduled)  # one transfer; the names do not overlap
       train_summary = summarize(fetched) | {name: fetched[name] for name in scheduled}
       if not math.isfinite(train_summary["loss"]):
-        raise NonFiniteLoss(f"loss became {train_summary['loss']} by step {step}; stopping. The "
-                            f"last good checkpoint (step {checkpoints.latest_step()}) is intact in "
-                            f"{checkpoints.directory}")
+        raise NonFiniteLoss(f"loss became {train_summary['loss']} by step {step}; stopping; "
+                            f"{checkpoints.last_good()}")
       train_summary["images_per_s"] = throughput.lap(step)
       reporter.scalars(step, "train", train_summary)
       reporter.show(loss=train_summary["loss"], top1=train_summary["top1"],
                     img_s=train_summary["images_per_s"])
       sums = fresh_sums()
 
-    if preemption.requested:
+    if stop.requested:
       reporter.end_epoch()
+      reporter.log(f"{stop.requested}: saving step {step}, then stopping"
+                   + (" (Ctrl-C again stops at once)" if stop.requested == "Ctrl-C" else ""))
       save(step)
-      reporter.log(f"SIGTERM: saved step {step} to {checkpoints.directory}; rerun the same "
-                   "command to resume")
+      saved = f"saved step {step} to {checkpoints.directory}; rerun the same command to resume"
+      if stop.requested == "Ctrl-C":
+        raise Interrupted(f"Ctrl-C: {saved}")
+      reporter.log(f"SIGTERM: {saved}")
       break
     if not epoch_done:
       continue
@@ -239,7 +305,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                         throughput.since_restart())
     throughput.restart(step)
 
-  if preemption.requested:
+  if stop.requested:
     return eval_metrics
   if config.train.plot and (path := reporter.plot()):
     reporter.log(f"curves: {path}")
@@ -254,11 +320,15 @@ def main():
   config = cli.config_flag("Training config file (get_config()).")
   workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 
+  allow_config_change = flags.DEFINE_bool(
+      "allow_config_change", False, "Resume even where the config differs from the run's in what "
+      "shapes its trajectory (logged; the earlier config is kept as config.step<N>.json).")
+
   def body():
     parallel.initialize_distributed(config.value.parallel)
-    train_and_evaluate(config.value, workdir.value)
+    train_and_evaluate(config.value, workdir.value, allow_config_change.value)
 
-  cli.run(body, required=(config, workdir), errors=(ConfigError, NonFiniteLoss))
+  cli.run(body, required=(config, workdir), errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ when the run fails before it saved anything.
 The lock is ``<workdir>/.lock`` (JSON: host, pid, start time), created exclusively by process 0
 and touched every ``HEARTBEAT_S`` seconds while the run lives. A second run in the same workdir
 fails at once naming the owner. A lock whose owner is dead (same host: no such process; any
-host, e.g. on a shared file system: no heartbeat for ``STALE_S`` seconds) is taken over.
+host, e.g. on a shared file system: no heartbeat for ``STALE_S`` seconds) is taken over, and so
+is a lock that names no owner (empty or garbage: a crash between its creation and its write)
+once it is ``UNWRITTEN_S`` seconds old.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from bnn_jax.errors import ConfigError
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
+UNWRITTEN_S = 10.0  # far longer than a live run takes to write the lock it just created
 
 
 class WorkdirInUse(ConfigError):
@@ -40,21 +43,41 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _read_owner(lock_path: str) -> dict:
+def _read_owner(lock_path: str) -> Optional[dict]:
+  """The owner a lock names ({host, pid, started}), or None: vanished, half-written or garbage."""
   try:
     with open(lock_path) as f:
-      return json.load(f)
-  except (OSError, ValueError):  # vanished, or caught half-written
-    return {}
+      owner = json.load(f)
+  except (OSError, ValueError):
+    return None
+  fields = {"host": str, "pid": int, "started": (int, float)}
+  if not isinstance(owner, dict) or not all(isinstance(owner.get(k), t) for k, t in fields.items()):
+    return None
+  return owner if owner["pid"] > 0 else None  # os.kill(0 or -1) would signal a whole group
 
 
-def _is_stale(lock_path: str, owner: dict, stale_s: float) -> bool:
+def _is_stale(lock_path: str, owner: Optional[dict], stale_s: float) -> bool:
   try:
     silent_for = time.time() - os.path.getmtime(lock_path)
   except OSError:
     return True
-  dead_here = owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+  if owner is None:
+    return silent_for > UNWRITTEN_S
+  dead_here = owner["host"] == socket.gethostname() and not _pid_alive(owner["pid"])
   return dead_here or silent_for > stale_s
+
+
+def _live_owner(owner: Optional[dict]) -> str:
+  if owner is None:
+    return "one that is starting: its lock is not written yet"
+  started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["started"]))
+  return f"pid {owner['pid']} on {owner['host']}, started {started}"
+
+
+def _describe(owner: Optional[dict]) -> str:
+  if owner is None:
+    return "a run that is gone (its lock names no owner: empty or garbage)"
+  return f"a run that is gone (pid {owner['pid']} on {owner['host']})"
 
 
 class Lock:
@@ -66,7 +89,7 @@ class Lock:
     self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
     self._stop = threading.Event()
     self._beat: Optional[threading.Thread] = None
-    self.took_over: Optional[dict] = None  # the dead owner whose lock this one replaced
+    self.took_over: Optional[str] = None  # whose lock this one replaced, in words
 
   def acquire(self) -> None:
     try:
@@ -76,15 +99,13 @@ class Lock:
     except FileExistsError:
       other = _read_owner(self.path)
       if not _is_stale(self.path, other, self.stale_s):
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("started", 0)))
-        raise WorkdirInUse(
-            f"{os.path.dirname(self.path)} is in use by another run (pid {other.get('pid')} on "
-            f"{other.get('host')}, started {started}); wait for it, or use another --workdir") from None
+        raise WorkdirInUse(f"{os.path.dirname(self.path)} is in use by another run "
+                           f"({_live_owner(other)}); wait for it, or use another --workdir") from None
       temporary = f"{self.path}.{self.owner['host']}.{self.owner['pid']}"
       with open(temporary, "w") as f:
         json.dump(self.owner, f)
       os.replace(temporary, self.path)  # atomic: the stale lock becomes ours
-      self.took_over = other
+      self.took_over = _describe(other)
     self._beat = threading.Thread(target=self._heartbeat, daemon=True)
     self._beat.start()
 

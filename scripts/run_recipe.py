@@ -14,8 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bnn_jax.errors import ConfigError  # noqa: E402
+from bnn_jax import cli  # noqa: E402
 from bnn_jax.recipes import RECIPES, run_recipe  # noqa: E402
+from bnn_jax.train import USER_ERRORS  # noqa: E402
 
 
 def main():
@@ -26,11 +27,7 @@ def main():
                       help="override a config field in every stage (STAGE:A.B=VALUE: in one)")
   parser.add_argument("--json", action="store_true", help="print {stage: metrics} as JSON last")
   args = parser.parse_args()
-  try:
-    results = run_recipe(args.recipe, args.workdir, args.set)
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+  results = run_recipe(args.recipe, args.workdir, args.set)
   for stage, metrics in results.items():
     print(f"{args.recipe} {stage}: eval top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%} "
           f"on {metrics['num_examples']} images")
@@ -39,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.script(main, errors=USER_ERRORS)

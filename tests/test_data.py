@@ -112,7 +112,8 @@ def test_cv2_resize_is_bilinear_without_antialiasing():
 def test_an_epoch_keeps_its_last_partial_batch_filled_from_its_start():
   images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
   source = data.Source(lambda seed: tf.data.Dataset.from_tensor_slices(
-      {"image": images, "label": np.arange(10)}), num_examples=10, process_examples=10)
+      {"image": images, "label": np.arange(10)}), num_examples=10, process_examples=10,
+      num_classes=10)
   config = ml_collections.ConfigDict(dict(augment="none", image_size=1, mean=(0.0,), std=(1.0,),
                                           shuffle_buffer=10))
   assert data.steps_per_epoch(10, 4) == 3 and data.steps_per_epoch(10, 4, drop_last=True) == 2
