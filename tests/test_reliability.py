@@ -403,12 +403,13 @@ def test_ctrl_c_twice_stops_at_once_without_saving(digits_run, tmp_path, monkeyp
 def test_a_full_disk_during_training_is_one_line(digits_run, tmp_path):
   """Orbax logs the failed write's tracebacks from its threads; the user sees one line."""
   env = cli_env() | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1e9"}  # reads, never writes
-  # Files of at most 256 KiB: a checkpoint's data file is larger, its write fails as on a full disk.
+  # Files of at most 256 KiB: a checkpoint's data file is larger, its write fails as on a full disk
+  # (at the run's last step, its first).
   code, lines = cli_error("bnn_jax.train", "--config=configs/quickstart.py",
-                          f"--workdir={tmp_path / 'run'}", *digits_flags(digits_run[0]), env=env,
-                          shell="ulimit -f 256")
+                          f"--workdir={tmp_path / 'run'}", *digits_flags(digits_run[0]),
+                          "--config.train.max_steps=1", env=env, shell="ulimit -f 256")
   assert code == 1 and len(lines) == 1, lines
-  assert re.match(r"error: saving step 23 to \S+ failed \(File too large.*\); no checkpoint was "
+  assert re.match(r"error: saving step 1 to \S+ failed \(File too large.*\); no checkpoint was "
                   r"saved, so there is nothing to resume$", lines[0]), lines
   assert not (tmp_path / "run").exists()
 
