@@ -1,10 +1,14 @@
-"""``python -m bnn_jax.export --config CONFIG --workdir DIR --out FILE.npz [--step N]``.
+"""``python -m bnn_jax.export --config CONFIG --workdir DIR --out FILE [--format F] [--step N]``.
 
-Writes a trained model for bit-packed inference (:mod:`bnn_jax.packed`): binary kernels as packed
-bits with one scale per output channel, every other variable as is, in one ``.npz`` that numpy
-reads alone (the keys are documented in ``packed.py``); ``bnn_jax.packed.load(FILE)`` returns the
-jitted ``images -> logits``. Prints the file's size next to the float variables' and the
-checkpoint's.
+``--format packed-npz`` (default) writes a trained model for bit-packed inference
+(:mod:`bnn_jax.packed`): binary kernels as packed bits with one scale per output channel, every
+other variable as is, in one ``.npz`` that numpy reads alone (the keys are documented in
+``packed.py``); ``bnn_jax.packed.load(FILE)`` returns the jitted ``images -> logits``. Prints the
+file's size next to the float variables' and the checkpoint's.
+
+``--format keras-h5`` writes a Larq Zoo model's variables as larq-zoo's Keras weight file
+(:mod:`bnn_jax.keras_weights`): larq-zoo loads it with ``weights=FILE`` (and Larq Compute Engine
+converts the Keras model for ARM devices).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from bnn_jax import cli, packed
+from bnn_jax import cli, keras_weights, packed
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import restore_checkpoint
 
@@ -60,15 +64,38 @@ def export(config, workdir: str, out: str, step=None) -> dict:
           "checkpoint_bytes": directory_bytes(os.path.join(workdir, "checkpoints", str(step)))}
 
 
+def export_keras(config, workdir: str, out: str, step=None) -> dict:
+  """Writes ``out``, a larq-zoo ``.h5`` weight file of a Larq Zoo model's checkpoint (atomically);
+  returns its step, layer count and size."""
+  with written_atomically(out) as temporary:
+    experiment, variables, step = restore_checkpoint(config, workdir, step)
+    layers = keras_weights.flax_to_keras(jax.device_get(variables), experiment.model,
+                                         experiment.input_shape)
+    keras_weights.write_h5(temporary, layers)
+  return {"step": step, "layers": sum(bool(weights) for _, weights in layers),
+          "file_bytes": os.path.getsize(out)}
+
+
+FORMATS = ("packed-npz", "keras-h5")
+
+
 def main():
   config = cli.config_flag("The run's config file.")
   workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
-  out = flags.DEFINE_string("out", None, "The file to write (.npz).")
+  out = flags.DEFINE_string("out", None, "The file to write (.npz, or .h5 for keras-h5).")
   step = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
+  file_format = flags.DEFINE_enum("format", "packed-npz", FORMATS,
+                                  "packed-npz: bit-packed inference; keras-h5: a larq-zoo weight "
+                                  "file of a Larq Zoo model.")
 
   def body():
-    sizes = export(config.value, workdir.value, out.value, step.value)
     mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    if file_format.value == "keras-h5":
+      sizes = export_keras(config.value, workdir.value, out.value, step.value)
+      print(f"step {sizes['step']}: {sizes['layers']} Keras layers with weights -> {out.value} "
+            f"({mib(sizes['file_bytes'])}); larq-zoo reads it with weights={out.value!r}")
+      return
+    sizes = export(config.value, workdir.value, out.value, step.value)
     print(f"step {sizes['step']}: {sizes['binary_layers']} binary layers packed -> {out.value}: "
           f"{mib(sizes['file_bytes'])}; float variables {mib(sizes['float_variables_bytes'])} "
           f"({sizes['float_variables_bytes'] / sizes['file_bytes']:.1f}x larger); checkpoint with "

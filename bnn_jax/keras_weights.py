@@ -11,7 +11,6 @@ the same kind and each weight of the same name and shape; a file without the cla
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -43,22 +42,16 @@ def read_h5(path: str) -> List[FileLayer]:
 
 
 def write_h5(path: str, layers: Sequence[FileLayer]) -> None:
-  """``layers`` as Keras' ``save_weights`` writes them, atomically (a temporary file renamed)."""
-  partial = f"{path}.partial"
-  try:
-    with h5py.File(partial, "w") as f:
-      f.attrs["backend"], f.attrs["keras_version"] = "tensorflow", "2.16.0"
-      f.attrs["layer_names"] = np.array([name.encode() for name, _ in layers], dtype="S")
-      for name, weights in layers:
-        group = f.create_group(name)
-        group.attrs["weight_names"] = np.array([n.encode() for n, _ in weights], dtype="S")
-        for weight_name, value in weights:
-          group.create_dataset(weight_name, data=np.asarray(value))
-    os.replace(partial, path)
-  except OSError as error:
-    if os.path.exists(partial):
-      os.remove(partial)
-    raise ConfigError(f"cannot write {path}: {error}") from None
+  """``layers`` as Keras' ``save_weights`` writes them (``python -m bnn_jax.export --format
+  keras-h5`` writes through a temporary file, so a failed write leaves no partial file)."""
+  with h5py.File(path, "w") as f:
+    f.attrs["backend"], f.attrs["keras_version"] = "tensorflow", "2.16.0"
+    f.attrs["layer_names"] = np.array([name.encode() for name, _ in layers], dtype="S")
+    for name, weights in layers:
+      group = f.create_group(name)
+      group.attrs["weight_names"] = np.array([n.encode() for n, _ in weights], dtype="S")
+      for weight_name, value in weights:
+        group.create_dataset(weight_name, data=np.asarray(value))
 
 
 def _text(value) -> str:

@@ -116,3 +116,28 @@ def test_full_size_file_of_another_session_and_notop_file_convert(tmp_path):
   np.testing.assert_array_equal(partial["params"]["backbone"]["quant_dense"]["kernel"], 0)
   with pytest.raises(ConfigError, match="layers with weights"):
     keras_weights.keras_to_flax(notop[:40], model, shape, initial)
+
+
+def test_convert_then_export_keras_h5_gives_larq_zoos_file_back(tmp_path):
+  """larq-zoo's file -> ``convert --keras-weights`` (an Orbax workdir) -> ``export --format
+  keras-h5``: the same file, layer for layer and bit for bit (what larq-zoo's weights=path loads)."""
+  from bnn_jax.convert import convert_keras_weights
+  from bnn_jax.export import export_keras
+
+  fixture = "quicknet"
+  description = json.loads((LARQ_DIR / f"{fixture}.json").read_text())
+  config = load_config(f"larq_zoo:{fixture}")
+  config.model.update(model_config(description))
+  config.dataset.image_size = description["input_shape"][1]
+  source = str(LARQ_DIR / f"{fixture}.h5")
+  convert_keras_weights(config, source, str(tmp_path / "run"))
+  sizes = export_keras(config, str(tmp_path / "run"), str(tmp_path / "back.h5"))
+  assert sizes["step"] == 0
+  text = lambda values: [v.decode() if isinstance(v, bytes) else str(v) for v in values]  # noqa: E731
+  with h5py.File(source, "r") as a, h5py.File(str(tmp_path / "back.h5"), "r") as b:
+    assert text(a.attrs["layer_names"]) == text(b.attrs["layer_names"])
+    for layer in text(a.attrs["layer_names"]):
+      names = text(a[layer].attrs["weight_names"])
+      assert names == text(b[layer].attrs["weight_names"])
+      for name in names:
+        assert a[layer][name][()].tobytes() == b[layer][name][()].tobytes()
