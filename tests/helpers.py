@@ -11,6 +11,19 @@ from bnn_jax.config import load_config  # noqa: F401 - re-exported for the tests
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
+# Larq Zoo models reduced as the larq-zoo fixtures are (their Fields, or width_divisor)
+_DENSENET = dict(initial_filters=16, growth_rate=16)  # DenseNet37's transitions need 16
+LARQ_ZOO_REDUCED = {
+    "QuickNet": dict(section_filters=(8, 16, 32, 64)), "BiRealNet": dict(filters=8),
+    "BinaryResNetE": dict(initial_filters=8, spec=((1, 1, 1, 1), (8, 16, 32, 64))),
+    "RealToBinNet": dict(width_divisor=8), "MeliusNet22": dict(width_divisor=4),
+    "XNORNet": dict(width_divisor=16), "DoReFaNet": dict(width_divisor=16),
+    "BinaryAlexNet": dict(width_divisor=16),
+    **{name: _DENSENET for name in ("BinaryDenseNet28", "BinaryDenseNet37",
+                                    "BinaryDenseNet37Dilated", "BinaryDenseNet45")},
+}
+
+
 def shrink(config: ml_collections.ConfigDict, image_size: int = 32) -> ml_collections.ConfigDict:
   """The same recipe (and its teacher) at base width 8 on small inputs, batch 8 (BatchNorm groups
   of 4 where the recipe has groups): compiles and steps in seconds on a CPU."""
@@ -21,6 +34,8 @@ def shrink(config: ml_collections.ConfigDict, image_size: int = 32) -> ml_collec
       model.update(stem_channels=8, layers_cfg=((16, 1, 1), (32, 2, 2), (64, 1, 2)))
     elif model.backbone == "EBResNet":  # the HCEBNN fixtures' sizes (SE needs 8 channels)
       model.update(stem_channels=32, structure=(1, 1, 1, 1), expansion=(0.5, 0.5, 0.25, 0.25))
+    elif model.backbone in LARQ_ZOO_REDUCED:
+      model.update(**LARQ_ZOO_REDUCED[model.backbone])
     else:
       model.update(stem_channels=8, base_channels=8)
   config.dataset.image_size = image_size
@@ -61,7 +76,7 @@ def random_variables(template, seed: int = 0):
 
   def draw(path, leaf):
     value = 0.1 * rng.standard_normal(leaf.shape)
-    if getattr(path[-1], "key", None) == "var":
+    if getattr(path[-1], "key", None) in ("var", "moving_variance"):
       value = 0.5 + np.abs(value)
     return jnp.asarray(value, leaf.dtype)
 
