@@ -173,8 +173,8 @@ def model_section(**fields) -> ml_collections.ConfigDict:
       spec=placeholder(tuple), width_divisor=placeholder(int),
       batch_norm_momentum=placeholder(float),
       inflation_ratio=placeholder(int), activations_k_bit=placeholder(int),
-      num_layers=placeholder(int),
-      model_name=placeholder(str), momentum=placeholder(float), scaling_r=placeholder(int)))
+      num_layers=placeholder(int), model_name=placeholder(str), momentum=placeholder(float),
+      scaling_r=placeholder(int)))
   section.update(fields)
   return section
 

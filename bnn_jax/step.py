@@ -80,7 +80,6 @@ def flip_ratios(old_params: Any, new_params: Any, stages: Any) -> Metrics:
       f"{FLIP_RATIO}/{stage}": ratio(flipped[stage], sizes[stage]) for stage in flipped}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Schedules:
   """What changes with the step: the learning rate (None where no variable follows the top-level
