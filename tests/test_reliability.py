@@ -22,7 +22,7 @@ import pytest
 
 from bnn_jax import data, packed
 from bnn_jax.checkpoint import CheckpointError, Checkpoints, config_json, differences, model_check
-from bnn_jax.config import load_config
+from bnn_jax.config import default_config, load_config
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint, print_report
 from bnn_jax.experiment import Experiment
@@ -92,6 +92,7 @@ def test_load_from_takes_another_binarisation_and_refuses_another_layout(digits_
   """A later stage binarises the same weights otherwise (logged); strides change what they mean."""
   config, workdir, _ = digits_run
   follower = half_binary(config)
+  follower.optimizer.binary = default_config().optimizer.binary  # real weights: no Bop
   experiment = Experiment.from_config(follower)
   tx, _ = experiment.make_optimizer(23, 46)
   state = random_state(experiment, tx)  # drawn on the host: no init compiled
