@@ -3,7 +3,9 @@
 status 1."""
 from __future__ import annotations
 
+import logging as std_logging
 import sys
+import threading
 from typing import Callable, Optional, Sequence, Tuple, Type
 
 import ml_collections
@@ -92,6 +94,10 @@ def _config_file_problem(argv: Sequence[str]) -> Optional[str]:
 
 
 def fail(message: str) -> None:
-  """``error: message`` on stderr, exit status 1: how every user error ends."""
+  """``error: message`` on stderr, exit status 1: how every user error ends. The line is the last
+  word: what background threads (Orbax's failed writers) log or raise while the process exits
+  after it is dropped."""
   print(f"error: {message}", file=sys.stderr)
+  std_logging.disable(std_logging.CRITICAL)
+  threading.excepthook = lambda args: None
   sys.exit(1)
