@@ -9,9 +9,8 @@ import jax.numpy as jnp
 
 from bnn_jax.binarize import EDE
 from bnn_jax.layers.quant import glorot_normal, he_normal
-from bnn_jax.models.larq_zoo.functional import Graph
+from bnn_jax.models.larq_zoo.functional import Graph, STE_SIGN_13
 
-STE_SIGN_13 = {"name": "ste_sign", "clip": 1.3}  # larq's SteSign(clip_value=1.3)
 
 
 def transition_filters(channels: int, reduction: float) -> int:

@@ -50,6 +50,11 @@ class Layer:
   tied: bool = False  # a max pool with a window whose maximum is reached twice (once run)
 
 
+# larq's SteSign(clip_value=...) as binarizer specs: the quantizers of larq-zoo's binary layers
+STE_SIGN_125 = {"name": "ste_sign", "clip": 1.25}  # QuickNet, BinaryResNetE
+STE_SIGN_13 = {"name": "ste_sign", "clip": 1.3}  # BinaryDenseNet, MeliusNet
+
+
 _RECORDING: contextvars.ContextVar = contextvars.ContextVar("keras_graph", default=None)
 
 

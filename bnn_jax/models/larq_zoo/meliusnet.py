@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from bnn_jax.binarize import EDE
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers.quant import glorot_normal
-from bnn_jax.models.larq_zoo.functional import Graph
+from bnn_jax.models.larq_zoo.functional import Graph, STE_SIGN_13
 
-STE_SIGN_13 = {"name": "ste_sign", "clip": 1.3}  # larq's SteSign(clip_value=1.3)
 BLOCK_FILTERS = 64  # channels each dense block adds and each improvement block refines
 
 

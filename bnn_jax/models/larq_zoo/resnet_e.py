@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from bnn_jax.binarize import EDE
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers.quant import glorot_normal, he_normal
-from bnn_jax.models.larq_zoo.functional import Graph
+from bnn_jax.models.larq_zoo.functional import Graph, STE_SIGN_125
 
-STE_SIGN_125 = {"name": "ste_sign", "clip": 1.25}  # larq's SteSign(clip_value=1.25)
 
 # num_layers -> (blocks per stage, widths per stage), larq-zoo's table
 SPECS = {
