@@ -10,6 +10,11 @@ BinaryConv and ExpertBinaryConv and larq's QuantConv (regular, depthwise, stride
 TensorFlow's asymmetric "same" padding) and QuantDense; everything else (stem, shortcuts,
 BatchNorm, PReLU, head) runs as in the float model.
 
+Two backends compute the same integers: "native", :mod:`bnn_jax.kernels`' hand-written CPU kernel
+(register-tiled AVX-512 popcounts; padding handled in the kernel), and "jax", the portable pure-JAX
+path below (any device; what ``export --format stablehlo`` serialises). "auto" takes native on the
+CPU where it builds.
+
     logits = packed.packed_model(model, variables, images.shape)(images)
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnn_jax import binarize
+from bnn_jax import binarize, kernels
 from bnn_jax.errors import ConfigError, one_line
 from bnn_jax.layers import BinaryConv, ExpertBinaryConv, chosen_experts
 from bnn_jax.layers.quant import QuantConv, QuantDense, spatial_padding
@@ -34,6 +39,18 @@ WORD_BITS = 32
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]  # ((top, bottom), (left, right))
 NO_PADS: Pads = ((0, 0), (0, 0))
 PAD_VALUES = (0.0, 1.0, -1.0)  # what a packed layer may pad its ±1 input with
+BACKENDS = ("auto", "native", "jax")
+
+
+def native(backend: str = "auto") -> bool:
+  """Whether ``backend`` runs the native kernel: "native" (an error if it cannot), "jax" (never),
+  "auto" (on the CPU, where it builds)."""
+  if backend not in BACKENDS:
+    raise ConfigError(f"bit-packed backend {backend!r}; valid: {list(BACKENDS)}")
+  if backend == "native" and not kernels.available():
+    raise ConfigError("the native bit-packed kernel is unavailable (no C++ compiler, a failed "
+                      "build (logged), or BNN_JAX_NATIVE=0); use backend 'jax'")
+  return backend != "jax" and jax.default_backend() == "cpu" and kernels.available()
 
 
 def symmetric(padding: int) -> Pads:
@@ -41,15 +58,18 @@ def symmetric(padding: int) -> Pads:
   return (padding, padding), (padding, padding)
 
 
-def pack(x: jax.Array) -> jax.Array:
+def pack(x: jax.Array, backend: str = "jax") -> jax.Array:
   """Packs signs along the last axis.
 
   Args:
     x: any shape (..., C); x >= 0 is bit 1 (+1), as sign(0) = +1.
+    backend: one of :data:`BACKENDS`.
   Returns:
     uint32 (..., ceil(C / 32)): bit i of word j is element 32·j + i; the last word's unused
     bits are 0.
   """
+  if native(backend):
+    return kernels.pack_signs(x)
   channels = x.shape[-1]
   words = -(-channels // WORD_BITS)
   bits = (x >= 0).astype(jnp.uint32)
@@ -91,7 +111,7 @@ def padding_correction(weight_bits: jax.Array, channels: int, in_shape, kernel_s
 
 def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: int, kernel_size: int,
                 strides: int = 1, pads: Pads = NO_PADS, pad_value: float = 0.0,
-                dilation: int = 1) -> jax.Array:
+                dilation: int = 1, backend: str = "jax") -> jax.Array:
   """A ±1 convolution on packed bits: K − 2·popcount(a XOR w) per output, padding exact.
 
   Args:
@@ -102,11 +122,15 @@ def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: in
     pads: ((top, bottom), (left, right)), e.g. TensorFlow's asymmetric "same" padding.
     pad_value: what the padding holds, one of :data:`PAD_VALUES`: ±1 is packed as such; 0 as −1,
       then corrected.
+    backend: one of :data:`BACKENDS`.
   Returns:
     int32 (N, H', W', O): the exact dot products of the ±1 convolution.
   """
   _, height, width, _ = activation_bits.shape
   out_shape = output_shape((height, width), kernel_size, strides, pads, dilation)
+  if native(backend):
+    return kernels.xnor_conv(activation_bits, weight_bits.reshape(-1, weight_bits.shape[-1]),
+                             channels, kernel_size, strides, dilation, pads, pad_value, out_shape)
   padded = jnp.pad(activation_bits, ((0, 0), *pads, (0, 0)))  # padding as −1 (all bits 0)
   if pad_value == 1 and pads != NO_PADS:  # as +1: every channel's bit set
     padded = jnp.where(_inside((height, width), pads) == 1, padded, pack(jnp.ones((channels,))))
@@ -256,25 +280,28 @@ def _packed_layer(module: nn.Module) -> Dict[str, jax.Array]:
   return {"bits": bits, "scale": scale}
 
 
-def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args) -> jax.Array:
-  """What ``module``'s replaced method returns, computed on ``layer``'s bits."""
+def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args,
+                    backend: str) -> jax.Array:
+  """What ``module``'s replaced method returns, computed on ``layer``'s bits (ungrouped layers on
+  ``backend``; grouped, depthwise and expert convolutions on the pure-JAX path)."""
   x = args[0]
   binary_x = binarize.get(_quantizers(module)[0])(x)
   if isinstance(module, ExpertBinaryConv):
     return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
                               module.kernel_size, module.strides).astype(module.dtype)
   if isinstance(module, QuantDense):  # a 1×1 convolution of one pixel
-    dots = packed_conv(pack(binary_x).reshape(-1, 1, 1, layer["bits"].shape[1]), layer["bits"],
-                       x.shape[-1], 1).reshape(x.shape[:-1] + (-1,))
+    dots = packed_conv(pack(binary_x, backend).reshape(-1, 1, 1, layer["bits"].shape[1]),
+                       layer["bits"], x.shape[-1], 1, backend=backend).reshape(x.shape[:-1] + (-1,))
   elif isinstance(module, QuantConv):
     k, strides, dilation = module.kernel_size, module.strides, module.dilation
     geometry = dict(kernel_size=k, strides=strides, dilation=dilation, pad_value=module.pad_values,
                     pads=spatial_padding(x.shape, module.padding, k, strides, dilation))
     dots = (packed_grouped_conv(binary_x, layer["bits"], **geometry) if module.depthwise
-            else packed_conv(pack(binary_x), layer["bits"], x.shape[-1], **geometry))
+            else packed_conv(pack(binary_x, backend), layer["bits"], x.shape[-1], **geometry,
+                             backend=backend))
   else:
-    dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
-                       module.strides, symmetric(module.pad_width))
+    dots = packed_conv(pack(binary_x, backend), layer["bits"], x.shape[-1], module.kernel_size,
+                       module.strides, symmetric(module.pad_width), backend=backend)
   y = (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
   if getattr(module, "use_bias", False):
     y = y + module.get_variable("params", "bias").astype(module.dtype)
@@ -312,10 +339,12 @@ def pack_weights(model: nn.Module, variables: Dict[str, Any], input_shape) -> Di
 
 class PackedClassifier:
   """``model`` whose binary layers run on ``weights`` (:func:`pack_weights`): the same
-  ``apply(variables, images, train=False)`` as the Flax model, so evaluation steps take it as is."""
+  ``apply(variables, images, train=False)`` as the Flax model, so evaluation steps take it as is.
+  ``backend``: one of :data:`BACKENDS`."""
 
-  def __init__(self, model: nn.Module, weights: Dict[str, Any]):
-    self.model, self.weights = model, weights
+  def __init__(self, model: nn.Module, weights: Dict[str, Any], backend: str = "auto"):
+    native(backend)  # refuses an unknown backend, or "native" where it cannot run, now
+    self.model, self.weights, self.backend = model, weights, backend
 
   def apply(self, variables, images, train: bool = False, weights=None):
     if train:
@@ -325,7 +354,7 @@ class PackedClassifier:
     def packed_forward(next_fun, args, kwargs, context):
       if not _binary_layer_call(context):
         return next_fun(*args, **kwargs)
-      return _packed_forward(context.module, weights[_path(context.module)], args)
+      return _packed_forward(context.module, weights[_path(context.module)], args, self.backend)
 
     with nn.intercept_methods(packed_forward):
       return self.model.apply(variables, images, train=False)
@@ -337,16 +366,18 @@ class PackedClassifier:
     return functools.partial(apply, variables, self.weights)
 
 
-def packed_model(model: nn.Module, variables: Dict[str, Any],
-                 input_shape) -> Callable[[jax.Array], jax.Array]:
+def packed_model(model: nn.Module, variables: Dict[str, Any], input_shape,
+                 backend: str = "auto") -> Callable[[jax.Array], jax.Array]:
   """``model`` for inference with its binary layers on bits packed once.
 
   Args:
     model, variables, input_shape: as :func:`pack_weights`'s.
+    backend: one of :data:`BACKENDS`.
   Returns:
     A jitted ``images -> logits`` (eval mode), equal to the float model's up to float rounding.
   """
-  return PackedClassifier(model, pack_weights(model, variables, input_shape)).bind(variables)
+  weights = pack_weights(model, variables, input_shape)
+  return PackedClassifier(model, weights, backend).bind(variables)
 
 
 # --- The exported file -------------------------------------------------------
@@ -407,8 +438,8 @@ def _read(path: str) -> Dict[str, np.ndarray]:
   return arrays
 
 
-def load(path: str) -> Callable[[jax.Array], jax.Array]:
-  """Reads a file written by :func:`save`.
+def load(path: str, backend: str = "auto") -> Callable[[jax.Array], jax.Array]:
+  """Reads a file written by :func:`save` (``backend``: one of :data:`BACKENDS`).
 
   Returns:
     The jitted ``images -> logits`` of the packed model (needs no checkpoint or config).
@@ -427,4 +458,4 @@ def load(path: str) -> Callable[[jax.Array], jax.Array]:
     for key in parents:
       node = node.setdefault(key, {})
     node[leaf] = jnp.asarray(value)
-  return PackedClassifier(model, weights).bind(variables)
+  return PackedClassifier(model, weights, backend).bind(variables)

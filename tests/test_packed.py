@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_jax import keras_weights, packed
+from bnn_jax import kernels, keras_weights, packed
 from bnn_jax.binarize import sign
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
@@ -23,6 +23,17 @@ LARQ_DIR = SHARED / "reference" / "larq"
 LARQ_FIXTURES = sorted(p.stem for p in LARQ_DIR.glob("*.npz")) if LARQ_DIR.exists() else []
 
 
+def backend_param(backend):
+  """pytest's param of a packed backend; the native one skipped (and said why) where it cannot
+  build."""
+  reason = "no native kernel here (no C++ compiler, or its build failed: logged)"
+  return pytest.param(backend, marks=pytest.mark.skipif(
+      backend == "native" and not kernels.available(), reason=reason))
+
+
+BACKENDS = [backend_param("jax"), backend_param("native")]
+
+
 def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
   x = np.full((1, 40), -1.0, np.float32)
   x[0, [0, 3, 31, 32, 39]] = 1.0
@@ -33,9 +44,19 @@ def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
   assert words[0, 1] == (1 << 0) | (1 << 7)  # channels 32 and 39; bits 8..31 unused, 0
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no native kernel here")
+@pytest.mark.parametrize("channels", [1, 31, 32, 40, 64, 100])
+def test_native_pack_equals_the_pure_jax_pack_bit_for_bit(channels):
+  x = np.array(jax.random.normal(jax.random.key(channels), (3, 5, channels)))
+  x.flat[:4] = [0.0, -0.0, np.nan, -np.inf]  # x >= 0 is +1: zeros are, NaN is not
+  expected = packed.pack(jnp.asarray(x))
+  np.testing.assert_array_equal(jax.jit(packed.pack, static_argnums=1)(x, "native"), expected)
+
+
 SAME_10X11_STRIDE_2 = ((0, 1), (1, 1))  # TensorFlow's "same", stride 2, 10×11: rows pad after only
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels, kernel_size, strides, pads, pad_value, dilation", [
     (64, 3, 1, packed.symmetric(1), 0.0, 1), (37, 3, 2, packed.symmetric(1), 0.0, 1),
     (70, 1, 1, packed.NO_PADS, 0.0, 1), (16, 1, 2, packed.NO_PADS, 0.0, 1),
@@ -44,7 +65,8 @@ SAME_10X11_STRIDE_2 = ((0, 1), (1, 1))  # TensorFlow's "same", stride 2, 10×11:
     (37, 3, 2, SAME_10X11_STRIDE_2, -1.0, 1),
     (40, 3, 1, packed.symmetric(2), 0.0, 2), (40, 3, 1, packed.symmetric(2), 1.0, 2)])
 def test_packed_dot_products_equal_the_float_convolution_as_integers(channels, kernel_size, strides,
-                                                                       pads, pad_value, dilation):
+                                                                       pads, pad_value, dilation,
+                                                                       backend):
   keys = jax.random.split(jax.random.key(channels + kernel_size + strides), 2)
   a = sign(jax.random.normal(keys[0], (2, 10, 11, channels)))
   w = sign(jax.random.normal(keys[1], (kernel_size, kernel_size, channels, 24)))
@@ -54,8 +76,8 @@ def test_packed_dot_products_equal_the_float_convolution_as_integers(channels, k
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
   bits, scale = packed.packed_weights(w)
   np.testing.assert_array_equal(scale, 1.0)
-  dots = jax.jit(packed.packed_conv, static_argnums=range(2, 8))(
-      packed.pack(a), bits, channels, kernel_size, strides, pads, pad_value, dilation)
+  dots = jax.jit(packed.packed_conv, static_argnums=range(2, 9))(
+      packed.pack(a), bits, channels, kernel_size, strides, pads, pad_value, dilation, backend)
   assert dots.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(dots), np.asarray(expected).astype(np.int32))
 
@@ -83,11 +105,12 @@ BINARY = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign")
     (QuantDense(10, **BINARY), (3, 70))],
     ids=["same_s2_pad0", "same_s2_pad+1", "dilation2_pad+1", "valid_s2_bias", "depthwise_s2_pad0",
          "depthwise_pad+1", "dense_bias"])
-def test_packed_larq_layers_equal_their_float_outputs_exactly(layer, input_shape):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_larq_layers_equal_their_float_outputs_exactly(layer, input_shape, backend):
   model = OneLayer(layer)
   variables = random_variables(abstract_variables(model, input_shape))
   x = jax.random.normal(jax.random.key(5), input_shape)
-  np.testing.assert_array_equal(packed.packed_model(model, variables, input_shape)(x),
+  np.testing.assert_array_equal(packed.packed_model(model, variables, input_shape, backend)(x),
                                 model.apply(variables, x))
 
 

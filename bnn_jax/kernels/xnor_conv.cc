@@ -1,0 +1,289 @@
+// Bit-packed inference kernels for the CPU, as XLA FFI custom calls.
+//
+// The pure-JAX path (bnn_jax/packed.py) computes the same integers; these exist because XLA
+// cannot keep a tile of XNOR-popcount accumulators in registers. Built by
+// bnn_jax/kernels/__init__.py with the machine's g++ and -march=native: with AVX-512 VPOPCNTDQ a
+// tile is 4 pixels x 64 output channels in 16 registers, one 512-bit XOR + VPOPCNTD + ADD per
+// 16 channels x 32 input bits; elsewhere a scalar loop, which the compiler vectorises as it can.
+//
+// XnorConv: activations (N, H, W, words) uint32 (bit 1 = +1, the last word's unused bits 0),
+// weights (taps * words, O) uint32, tap-major (row-major kernel positions), then words. Output
+// int32 (N, H', W', O): the exact ±1 dot products. The padding is the kernel's: a tap outside the
+// input reads +1 or -1 (pad_value ±1), or adds nothing (pad_value 0, as a zero-padded float conv).
+//
+// PackSigns: float32 (..., C) -> uint32 (..., words), bit i of word j set where x[32j + i] >= 0.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and the pool's. Chunks come
+// from an atomic counter, so a pool task that starts after the work is done takes none, and the
+// caller waits only for chunks already taken (never for a queued task: no deadlock).
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> body) {
+  struct Shared {
+    std::function<void(int64_t)> body;
+    int64_t chunks;
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+    void Run() {
+      for (int64_t chunk; (chunk = next.fetch_add(1)) < chunks;) {
+        body(chunk);
+        if (done.fetch_add(1) + 1 == chunks) {
+          std::lock_guard<std::mutex> lock(mutex);
+          finished.notify_all();
+        }
+      }
+    }
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->body = std::move(body);
+  shared->chunks = chunks;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Run(); });
+  shared->Run();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done.load() == shared->chunks; });
+}
+
+struct Geometry {
+  int64_t batch, in_h, in_w, words, out_h, out_w, outputs, kernel, stride, dilation, channels;
+  int64_t pad_top, pad_left, pad_value;
+  const uint32_t* in;
+  std::vector<uint32_t> pad_word;  // one tap of the padding's bits (pad_value ±1)
+
+  int64_t taps() const { return kernel * kernel; }
+  int64_t pixels() const { return batch * out_h * out_w; }
+};
+
+// Where an output pixel's kernel window starts in the input (possibly in the padding).
+struct Window {
+  const uint32_t* image;
+  int64_t top, left;
+  int64_t inside;  // taps inside the input
+
+  Window() = default;
+  Window(const Geometry& g, int64_t pixel) {
+    const int64_t x = pixel % g.out_w, rest = pixel / g.out_w;
+    image = g.in + rest / g.out_h * g.in_h * g.in_w * g.words;
+    top = rest % g.out_h * g.stride - g.pad_top;
+    left = x * g.stride - g.pad_left;
+    inside = 0;
+    for (int64_t i = 0; i < g.kernel; ++i)
+      for (int64_t j = 0; j < g.kernel; ++j) inside += Tap(g, i, j) != nullptr;
+  }
+  // Tap (i, j)'s words, or nullptr where it falls in the padding.
+  const uint32_t* Tap(const Geometry& g, int64_t i, int64_t j) const {
+    const int64_t y = top + i * g.dilation, x = left + j * g.dilation;
+    if (y < 0 || y >= g.in_h || x < 0 || x >= g.in_w) return nullptr;
+    return image + (y * g.in_w + x) * g.words;
+  }
+  // K: every tap's channels, or (zero padding) those of the taps inside.
+  int32_t Depth(const Geometry& g) const {
+    return static_cast<int32_t>((g.pad_value == 0 ? inside : g.taps()) * g.channels);
+  }
+};
+
+constexpr int kPixels = 4;  // pixels per register tile
+
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+constexpr int kLanes = 16;   // output channels per 512-bit register
+constexpr int kVectors = 4;  // registers of output channels per tile
+constexpr int64_t kChannelsPerTile = kLanes * kVectors;
+
+// One tile: P pixels x V registers of output channels from `first`; `last_mask` masks the last
+// register's channels (O need not be a multiple of 16).
+template <int P, int V>
+void Tile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t first,
+          __mmask16 last_mask) {
+  __m512i acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_si512();
+  Window windows[P];
+  for (int p = 0; p < P; ++p) windows[p] = Window(g, pixel + p);
+  for (int64_t i = 0; i < g.kernel; ++i)
+    for (int64_t j = 0; j < g.kernel; ++j) {
+      const uint32_t* source[P];
+      __mmask16 counted[P];  // a zero-padded tap outside the input adds nothing
+      for (int p = 0; p < P; ++p) {
+        source[p] = windows[p].Tap(g, i, j);
+        counted[p] = source[p] != nullptr || g.pad_value != 0 ? 0xFFFF : 0;
+        if (source[p] == nullptr) source[p] = g.pad_word.data();
+      }
+      const uint32_t* rows = w + (i * g.kernel + j) * g.words * g.outputs + first;
+      for (int64_t word = 0; word < g.words; ++word, rows += g.outputs) {
+        __m512i weights[V];
+        for (int v = 0; v < V; ++v)
+          weights[v] = _mm512_maskz_loadu_epi32(v == V - 1 ? last_mask : 0xFFFF, rows + v * kLanes);
+        for (int p = 0; p < P; ++p) {
+          const __m512i a = _mm512_set1_epi32(static_cast<int>(source[p][word]));
+          for (int v = 0; v < V; ++v)
+            acc[p][v] = _mm512_mask_add_epi32(
+                acc[p][v], counted[p], acc[p][v],
+                _mm512_popcnt_epi32(_mm512_xor_si512(a, weights[v])));
+        }
+      }
+    }
+  for (int p = 0; p < P; ++p) {
+    const __m512i depth = _mm512_set1_epi32(windows[p].Depth(g));
+    for (int v = 0; v < V; ++v)
+      _mm512_mask_storeu_epi32(out + (pixel + p) * g.outputs + first + v * kLanes,
+                               v == V - 1 ? last_mask : 0xFFFF,
+                               _mm512_sub_epi32(depth, _mm512_slli_epi32(acc[p][v], 1)));
+  }
+}
+
+template <int P>
+void PixelTile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t first) {
+  const int64_t left = g.outputs - first;
+  const int vectors = static_cast<int>(std::min<int64_t>(kVectors, (left + kLanes - 1) / kLanes));
+  const int tail = static_cast<int>(left - (vectors - 1) * kLanes);
+  const __mmask16 mask = tail >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << tail) - 1);
+  switch (vectors) {
+    case 4: return Tile<P, 4>(g, w, out, pixel, first, mask);
+    case 3: return Tile<P, 3>(g, w, out, pixel, first, mask);
+    case 2: return Tile<P, 2>(g, w, out, pixel, first, mask);
+    default: return Tile<P, 1>(g, w, out, pixel, first, mask);
+  }
+}
+
+// Pixels [pixel, end) x output channels [first, first + kChannelsPerTile).
+void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t end,
+           int64_t first) {
+  for (; pixel + kPixels <= end; pixel += kPixels) PixelTile<kPixels>(g, w, out, pixel, first);
+  for (; pixel < end; ++pixel) PixelTile<1>(g, w, out, pixel, first);
+}
+
+// Bits of 32 floats: x >= 0 (NaN is not), `valid` of them (the rest 0).
+uint32_t SignBits(const float* x, int valid) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __mmask16 low = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const int high_valid = std::max(0, valid - 16);
+  const __mmask16 high = high_valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << high_valid) - 1);
+  const uint32_t a = _mm512_mask_cmp_ps_mask(low, _mm512_maskz_loadu_ps(low, x), zero, _CMP_GE_OQ);
+  const uint32_t b = _mm512_mask_cmp_ps_mask(high, _mm512_maskz_loadu_ps(high, x + 16), zero,
+                                             _CMP_GE_OQ);
+  return a | b << 16;
+}
+#else
+constexpr int64_t kChannelsPerTile = 64;
+
+void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t end,
+           int64_t first) {
+  const int64_t last = std::min(g.outputs, first + kChannelsPerTile);
+  for (; pixel < end; ++pixel) {
+    const Window window(g, pixel);
+    int32_t acc[kChannelsPerTile] = {0};
+    for (int64_t i = 0; i < g.kernel; ++i)
+      for (int64_t j = 0; j < g.kernel; ++j) {
+        const uint32_t* source = window.Tap(g, i, j);
+        if (source == nullptr && g.pad_value == 0) continue;
+        if (source == nullptr) source = g.pad_word.data();
+        const uint32_t* rows = w + (i * g.kernel + j) * g.words * g.outputs;
+        for (int64_t word = 0; word < g.words; ++word, rows += g.outputs)
+          for (int64_t o = first; o < last; ++o)
+            acc[o - first] += __builtin_popcount(source[word] ^ rows[o]);
+      }
+    for (int64_t o = first; o < last; ++o)
+      out[pixel * g.outputs + o] = window.Depth(g) - 2 * acc[o - first];
+  }
+}
+
+uint32_t SignBits(const float* x, int valid) {
+  uint32_t bits = 0;
+  for (int i = 0; i < valid; ++i) bits |= static_cast<uint32_t>(x[i] >= 0.0f) << i;
+  return bits;
+}
+#endif
+
+ffi::Error XnorConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> input,
+                        ffi::Buffer<ffi::U32> weights, ffi::ResultBuffer<ffi::S32> output,
+                        int64_t kernel, int64_t stride, int64_t dilation, int64_t channels,
+                        int64_t pad_top, int64_t pad_left, int64_t pad_value) {
+  const auto in_dims = input.dimensions(), out_dims = output->dimensions();
+  if (in_dims.size() != 4 || out_dims.size() != 4 || weights.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("xnor_conv: activations and output NHWC, weights 2-D");
+  Geometry g{in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1], out_dims[2],
+             out_dims[3], kernel, stride, dilation, channels, pad_top, pad_left, pad_value,
+             input.typed_data(), {}};
+  if (weights.dimensions()[0] != g.taps() * g.words || weights.dimensions()[1] != g.outputs)
+    return ffi::Error::InvalidArgument("xnor_conv: weights are not (taps * words, O)");
+  if ((g.words - 1) * 32 >= channels || g.words * 32 < channels)
+    return ffi::Error::InvalidArgument("xnor_conv: words do not hold the channels");
+  for (int64_t word = 0; word < g.words; ++word) {  // +1: the channels' bits set; -1: none
+    const int64_t bits = std::min<int64_t>(32, channels - 32 * word);
+    g.pad_word.push_back(pad_value == 1 ? static_cast<uint32_t>((uint64_t{1} << bits) - 1) : 0);
+  }
+  const uint32_t* w = weights.typed_data();
+  int32_t* out = output->typed_data();
+  const int64_t tiles = (g.outputs + kChannelsPerTile - 1) / kChannelsPerTile;
+  // About 8 chunks per thread, each of at least 16 pixels, in whole register tiles of pixels.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_tile = std::max<int64_t>(1, (8 * threads + tiles - 1) / tiles);
+  int64_t pixels = std::max<int64_t>(16, (g.pixels() + per_tile - 1) / per_tile);
+  pixels = (pixels + kPixels - 1) / kPixels * kPixels;
+  const int64_t chunks_per_tile = (g.pixels() + pixels - 1) / pixels;
+  ParallelFor(pool, tiles * chunks_per_tile, [&](int64_t chunk) {
+    const int64_t start = chunk % chunks_per_tile * pixels;
+    Block(g, w, out, start, std::min(g.pixels(), start + pixels),
+          chunk / chunks_per_tile * kChannelsPerTile);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error PackSignsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input,
+                         ffi::ResultBuffer<ffi::U32> output) {
+  const auto in_dims = input.dimensions(), out_dims = output->dimensions();
+  if (in_dims.size() == 0 || out_dims.size() != in_dims.size())
+    return ffi::Error::InvalidArgument("pack_signs: (..., C) -> (..., words)");
+  const int64_t channels = in_dims.back(), words = out_dims.back();
+  if (words != (channels + 31) / 32)
+    return ffi::Error::InvalidArgument("pack_signs: words != ceil(C / 32)");
+  const int64_t rows = channels == 0 ? 0 : input.element_count() / channels;
+  const float* x = input.typed_data();
+  uint32_t* bits = output->typed_data();
+  const int64_t per_chunk = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, channels));
+  ParallelFor(pool, (rows + per_chunk - 1) / per_chunk, [&](int64_t chunk) {
+    for (int64_t row = chunk * per_chunk; row < std::min(rows, (chunk + 1) * per_chunk); ++row)
+      for (int64_t word = 0; word < words; ++word)
+        bits[row * words + word] = SignBits(
+            x + row * channels + 32 * word, static_cast<int>(std::min<int64_t>(32, channels - 32 * word)));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XnorConv, XnorConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kernel")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<int64_t>("channels")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_value"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PackSigns, PackSignsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>());
