@@ -36,8 +36,10 @@ Check = Callable[[str, Dict[str, Any]], None]
 # value of them (evaluation in bfloat16, a teacher normalising over the student's ghost batches).
 RUNTIME_MODEL_FIELDS = ("dtype", "bn_group_size")
 # What a later stage of one method changes on the same weights (``train.load_from``): how they
-# are binarised, HCEBNN's expert-0-only stage, and the head (fresh for another number of classes).
-STAGE_MODEL_FIELDS = ("binary_type", "binarizers", "use_only_first", "num_classes")
+# are binarised, HCEBNN's expert-0-only stage, the head (fresh for another number of classes)
+# and a Larq Zoo model's stage by larq-zoo's ``model_name`` (r2b_ban -> r2b_bnn), which prefixes
+# its layer names (:func:`swap_layer_prefix`).
+STAGE_MODEL_FIELDS = ("binary_type", "binarizers", "use_only_first", "num_classes", "model_name")
 # What a resumed run may change without changing what it computes: when it stops, how often it
 # logs, evaluates and checkpoints, what it shows, how its processes meet, and what only a fresh
 # start reads. Any other difference is refused unless allowed (train --allow_config_change).
@@ -317,6 +319,26 @@ def partial_load(fresh: Any, loaded: Any):
   tree = jax.tree_util.tree_map_with_path(pick, fresh)
   unused = sorted(set(available) - set(restored))
   return tree, restored, fresh_paths, unused
+
+
+def swap_layer_prefix(tree: Any, old: str, new: str) -> Any:
+  """``tree`` (nested dicts) with every key that begins with ``old`` beginning with ``new``
+  instead: a Larq Zoo model names its layers ``<model_name>_…`` as larq-zoo does
+  (``r2b_ban_block_2a_conv2d``), so the variables of one stage are another's under its prefix."""
+  if not isinstance(tree, Mapping):
+    return tree
+  return {(new + key[len(old):] if key.startswith(old) else key): swap_layer_prefix(value, old, new)
+          for key, value in tree.items()}
+
+
+def unmatched_paths(template: Any, loaded: Any) -> Tuple[List[str], List[str]]:
+  """(paths of ``template`` that ``loaded`` lacks, paths of ``loaded`` that ``template`` lacks),
+  each as ``a/b/c``, sorted: whether two variable trees name the same tensors (shapes aside)."""
+  def paths(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  ours, theirs = paths(template), paths(loaded)
+  return sorted(ours - theirs), sorted(theirs - ours)
 
 
 def _kept(directory: str, step: Optional[int]) -> str:

@@ -23,7 +23,7 @@ from absl import flags
 from bnn_jax import cli, data, durations, parallel
 from bnn_jax.checkpoint import (RESUME_EXEMPT, RUNTIME_MODEL_FIELDS, STAGE_MODEL_FIELDS,
                                 CheckpointError, Checkpoints, config_json, describe, differences,
-                                model_check, partial_load)
+                                model_check, partial_load, swap_layer_prefix, unmatched_paths)
 from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.models import load_transform
@@ -74,15 +74,17 @@ class _StopRequests:
 def _load_from(experiment: Experiment, state: TrainState, path: str, reporter: Reporter):
   """Initialises params and batch_stats from another run's latest checkpoint (step 2 from step 1):
   refused when the model configurations differ beyond what a later stage changes
-  (``STAGE_MODEL_FIELDS``, which are logged, and ``RUNTIME_MODEL_FIELDS``)."""
+  (``STAGE_MODEL_FIELDS``, which are logged, and ``RUNTIME_MODEL_FIELDS``). A Larq Zoo stage
+  reads another ``model_name``'s variables under its own layer names (:func:`_renamed_for_stage`)."""
   model = config_json(experiment.config.model)
-  check = model_check(model, f"this config's ({model['arch']})",
+  check = model_check(model, f"this config's ({model.get('arch') or model.get('backbone')})",
                       RUNTIME_MODEL_FIELDS + STAGE_MODEL_FIELDS,
                       advice=f"train.load_from may change only model.{', model.'.join(STAGE_MODEL_FIELDS)}")
   step_loaded, saved, meta = Checkpoints(path, read_only=True).saved_tree(
       None, parallel.replicated(experiment.mesh), check)
   saved_model = meta.get("config", {}).get("model")
   stage_changes = differences(saved_model, model, RUNTIME_MODEL_FIELDS) if saved_model else {}
+  saved = _renamed_for_stage(saved, saved_model, model, state, path)
   params, restored, fresh, unused = partial_load(state.params, saved["params"])
   if experiment.config.train.load_transform:  # a registered change of the loaded parameters
     params = load_transform(experiment.config.train.load_transform)(params)
@@ -93,6 +95,30 @@ def _load_from(experiment: Experiment, state: TrainState, path: str, reporter: R
                f"in the checkpoint but not in this model, not loaded: {unused + unused_bs or 'none'}"
                + (f"; model changed: {describe(stage_changes, 'model.')}" if stage_changes else ""))
   return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _renamed_for_stage(saved, saved_model: Optional[Dict[str, Any]], model: Dict[str, Any],
+                       state: TrainState, path: str):
+  """A checkpoint of another ``model.model_name`` (a Larq Zoo stage: larq-zoo begins every layer
+  name with it) under this model's names, the prefix swapped (r2b_ban_… -> r2b_bnn_…); refused
+  in one line where the two models still name other tensors (another architecture)."""
+  old, new = (saved_model or {}).get("model_name"), model.get("model_name")
+  if not old or not new or old == new:
+    return saved
+  parts = ("params", "batch_stats")
+  saved = dict(saved, **{part: swap_layer_prefix(saved.get(part, {}), f"{old}_", f"{new}_")
+                         for part in parts})
+  missing, extra = unmatched_paths({"params": state.params, "batch_stats": state.batch_stats},
+                                   {part: saved[part] for part in parts})
+  if missing or extra:
+    some = lambda paths: (f"{len(paths)} tensor(s) ({', '.join(paths[:3])}"  # noqa: E731
+                          f"{', …' if len(paths) > 3 else ''})" if paths else "none")
+    raise CheckpointError(
+        f"train.load_from {path}: model.model_name {old!r} -> {new!r} is another architecture, "
+        f"not another stage of this one: with the layer prefix {old}_ read as {new}_, "
+        f"{some(missing)} of this model are not in the checkpoint and {some(extra)} of the "
+        "checkpoint are not in this model")
+  return saved
 
 
 def _resume_check(config: Dict[str, Any], allow_config_change: bool):

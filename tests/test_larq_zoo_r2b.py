@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from bnn_jax import data, parallel, step
+from bnn_jax.checkpoint import CheckpointError, Checkpoints, config_json
 from bnn_jax.experiment import Experiment
 from bnn_jax.losses import attention_map, attention_transfer, keras_kl_divergence
 from bnn_jax.models import BLOCK_OUTPUTS, block_outputs, build_model, init_variables
 from bnn_jax.models.backbones import requesting_layers
 from bnn_jax.optim import make_lr_schedule
 from bnn_jax.recipes import stage_configs
+from bnn_jax.report import Reporter
+from bnn_jax.train import _load_from
 
 from helpers import compiled_fast, load_config, random_state
 
@@ -160,3 +163,46 @@ def test_kd_step_of_reduced_r2b_fp_with_a_reduced_resnet_fp_teacher():
                                   teacher_variables)
   assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(expected, rel=1e-4)
   assert int(new_state.step) == 1
+
+
+def reduced_stage(name):
+  """A stage of the recipe at width / 8 on 32×32, 10 classes, its optimizer for 75 epochs of 10."""
+  config = load_config(f"larq_zoo_r2b:{name}")
+  config.model.update(width_divisor=8, num_classes=10)
+  config.dataset.image_size = 32
+  config.train.update(batch_size=4, progress=False, plot=False)
+  experiment = Experiment.from_config(config)
+  return config, experiment, experiment.make_optimizer(steps_per_epoch=10, total_steps=750)[0]
+
+
+def by_path(tree):
+  return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_r2b_bnn_loads_r2b_ban_by_its_layer_names_and_refuses_another_architecture(tmp_path, capsys):
+  # larq-zoo's model_name begins every layer name (r2b_ban_block_2a_conv2d): r2b_bnn reads
+  # r2b_ban's variables with the prefix swapped, every one of them.
+  for name, seed in (("r2b_ban", 0), ("resnet_fp", 1)):
+    config, experiment, tx = reduced_stage(name)
+    Checkpoints(str(tmp_path / name)).save(1, random_state(experiment, tx, seed),
+                                           {"config": config_json(config)})
+  _, experiment, tx = reduced_stage("r2b_bnn")
+  state = random_state(experiment, tx, seed=2)
+  reporter = Reporter(str(tmp_path), 10, 10, progress=False)
+  loaded = _load_from(experiment, state, str(tmp_path / "r2b_ban"), reporter)
+  log = capsys.readouterr().out
+  assert "initialised fresh: none" in log and "not loaded: none" in log
+  assert "model changed: model.model_name 'r2b_ban' -> 'r2b_bnn'" in log
+  saved = Checkpoints(str(tmp_path / "r2b_ban"), read_only=True).saved_tree(None, None)[1]
+  for part in ("params", "batch_stats"):
+    ours, theirs = by_path(getattr(loaded, part)), by_path(saved[part])
+    assert len(ours) == len(theirs) and all("r2b_bnn_" in key for key in ours)
+    for key, value in ours.items():
+      np.testing.assert_array_equal(value, theirs[key.replace("r2b_bnn_", "r2b_ban_")])
+  # resnet_fp's real blocks (biased convs, no gates, a shortcut per block, not per half block)
+  # are another architecture: one line naming what does not fit
+  with pytest.raises(CheckpointError, match=r"model.model_name 'resnet_fp' -> 'r2b_bnn' is another "
+                                            r"architecture.*, 64 tensor\(s\) \(batch_stats/backbone/"
+                                            r"r2b_bnn_block_4a_shortcut_batch_norm/moving_mean, .* of "
+                                            r"this model are not in the checkpoint and 31 tensor"):
+    _load_from(experiment, state, str(tmp_path / "resnet_fp"), reporter)
