@@ -41,13 +41,14 @@ RUNTIME_MODEL_FIELDS = ("dtype", "bn_group_size")
 # its layer names (:func:`swap_layer_prefix`).
 STAGE_MODEL_FIELDS = ("binary_type", "binarizers", "use_only_first", "num_classes", "model_name")
 # What a resumed run may change without changing what it computes: when it stops, how often it
-# logs, evaluates and checkpoints, what it shows, how its processes meet, and what only a fresh
-# start reads. Any other difference is refused unless allowed (train --allow_config_change).
+# logs, evaluates and checkpoints, what it shows and evaluates on (the split, its preprocessing:
+# not the training), how its processes meet, and what only a fresh start reads. Any other
+# difference is refused unless allowed (train --allow_config_change).
 RESUME_EXEMPT = ("train.max_steps", "train.log_every", "train.eval_every_epochs",
                  "train.checkpoint_every_epochs", "train.max_to_keep", "train.eval_batch_size",
                  "train.progress", "train.plot", "train.load_from", "train.load_transform",
-                 "dataset.eval_split", "parallel.distributed", "parallel.coordinator_address",
-                 "parallel.num_processes", "parallel.process_id")
+                 "dataset.eval_split", "dataset.eval_preprocess", "parallel.distributed",
+                 "parallel.coordinator_address", "parallel.num_processes", "parallel.process_id")
 
 
 def config_json(config) -> Dict[str, Any]:

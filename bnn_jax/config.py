@@ -196,10 +196,13 @@ def real_resnet(depth: int, dataset: Optional[ml_collections.ConfigDict] = None
 def imagenet(colour_jitter: bool = False, resize: str = "cv2") -> ml_collections.ConfigDict:
   """ImageNet as the original: RandomResizedCrop 224 + flip (+ colour jitter), eval 256 → 224,
   resized as ``mmcv.imresize`` with ``resize``: "cv2" (bilinear, no antialiasing: mmcv's
-  default) or "pillow" (antialiased bilinear: the ``*_pil_resize`` data configs)."""
+  default) or "pillow" (antialiased bilinear: the ``*_pil_resize`` data configs).
+  ``eval_preprocess="larq_zoo"`` evaluates as larq-zoo: the central 224/256 of the shorter side,
+  bicubic to 224 (``bnn_jax.data``)."""
   return ml_collections.ConfigDict(dict(
       name="imagenet2012", path=placeholder(str), train_split="train", eval_split="validation",
       image_size=224, augment="imagenet_colorjitter" if colour_jitter else "imagenet", resize=resize,
+      eval_preprocess="resize_crop",
       mean=IMAGENET_MEAN, std=IMAGENET_STD, shuffle_buffer=16384,
       bad_images="skip"))
 

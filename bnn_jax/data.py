@@ -223,6 +223,10 @@ def _decode(image):
 
 
 RESIZES = ("pillow", "cv2")
+# dataset.eval_preprocess: the original's resize of the shorter side to image_size · 256/224 and
+# central crop (``dataset.resize``), or larq-zoo's central crop then bicubic resize.
+EVAL_PREPROCESSES = ("resize_crop", "larq_zoo")
+LARQ_ZOO_CROP_PADDING = 32  # larq-zoo's CROP_PADDING: the crop is size / (size + 32) of the shorter side
 BAD_IMAGES = ("skip", "fail")
 # JPEG, PNG, GIF, BMP and WebP files start so: anything else (empty, garbage, text) cannot decode.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
@@ -355,6 +359,41 @@ def _resize_centre_crop(image, size: int, resize: int, backend: str):
   return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
+def larq_zoo_crop_window(shape, size: int):
+  """(top, left, side) of larq-zoo's evaluation crop: the central square whose side is
+  size / (size + 32) of the shorter side, computed in float32 and truncated; offsets
+  (side of the image − crop + 1) // 2."""
+  _tf()
+  height, width = shape[0], shape[1]
+  fraction = size / (size + LARQ_ZOO_CROP_PADDING)
+  side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+  return (height - side + 1) // 2, (width - side + 1) // 2, side
+
+
+def _larq_zoo_centre_crop(image, size: int):
+  """larq-zoo's ImageNet evaluation (``larq_zoo/training/data.py``, ``_decode_and_center_crop``):
+  the central crop of :func:`larq_zoo_crop_window`, decoded as larq-zoo decodes it (a JPEG with
+  ``decode_and_crop_jpeg``, whose pixels at the crop's edges differ from decoding the whole image
+  and then cropping), resized to size × size by TensorFlow's legacy bicubic
+  (``tf.compat.v1.image.resize_bicubic``: Keys' cubic with a = −0.75, no half-pixel offset, no
+  antialiasing), to float values neither rounded nor clipped."""
+  if image.dtype == tf.string:
+    def jpeg():
+      top, left, side = larq_zoo_crop_window(tf.image.extract_jpeg_shape(image), size)
+      return tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, side, side]), channels=3)
+
+    def other():  # a PNG (or GIF, BMP) of an image folder: decoded whole, then cropped
+      decoded = _decode(image)
+      top, left, side = larq_zoo_crop_window(tf.shape(decoded), size)
+      return tf.image.crop_to_bounding_box(decoded, top, left, side, side)
+
+    cropped = tf.cond(tf.io.is_jpeg(image), jpeg, other)
+  else:
+    top, left, side = larq_zoo_crop_window(tf.shape(image), size)
+    cropped = tf.image.crop_to_bounding_box(image, top, left, side, side)
+  return tf.compat.v1.image.resize_bicubic(cropped[None], [size, size])[0]
+
+
 def _pad_crop_flip(image, pad: int, seed, flip: bool):
   """RandomCrop(size, padding=pad) with zero padding, then an optional horizontal flip."""
   image = _decode(image)
@@ -375,6 +414,10 @@ def make_preprocess(config, train: bool) -> Callable:
   std = np.asarray(config.std, np.float32)
   resize = int(round(size * config.get("eval_resize_ratio", 256 / 224)))
   backend = config.get("resize", "cv2")
+  eval_preprocess = config.get("eval_preprocess", "resize_crop")
+  if eval_preprocess not in EVAL_PREPROCESSES:
+    raise ConfigError(f"unknown dataset.eval_preprocess {eval_preprocess!r}; valid: "
+                      f"{list(EVAL_PREPROCESSES)}")
 
   def preprocess(example, seed):
     image = example["image"]
@@ -385,6 +428,8 @@ def make_preprocess(config, train: bool) -> Callable:
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
         if augment == "imagenet_colorjitter":
           image = _colour_jitter(image, seeds[2])
+      elif eval_preprocess == "larq_zoo":
+        image = _larq_zoo_centre_crop(image, size)
       else:
         image = _resize_centre_crop(image, size, resize, backend)
     elif augment in ("cifar", "digits") and train:

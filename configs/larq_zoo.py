@@ -3,7 +3,10 @@
     python -m bnn_jax.evaluate --config configs/larq_zoo.py:quicknet --workdir DIR
 
 ``DIR`` from ``python -m bnn_jax.convert --config configs/larq_zoo.py:quicknet --keras-weights
-quicknet_weights.h5 --out DIR`` (README, "Larq Zoo"). ImageNet, 224×224, 1000 classes.
+quicknet_weights.h5 --out DIR`` (README, "Larq Zoo"). ImageNet, 224×224, 1000 classes, evaluated
+as larq-zoo evaluates (``dataset.eval_preprocess="larq_zoo"``: the central 224/256 of the shorter
+side, TensorFlow's legacy bicubic resize to 224, ImageNet mean/std on 0-255 values; its models
+have no normalisation layer of their own).
 
 The QuickNet family's configs also train as larq-zoo trains them (``sota_experiments.py``
 ``TrainQuickNet``, :data:`QUICKNET_RECIPE`): ``python -m bnn_jax.train --config
@@ -18,10 +21,12 @@ weight decay, no label smoothing (plain sparse categorical cross-entropy). larq-
 schedule with floor(N / batch) steps per epoch (625) while Keras runs ceil(N / batch) (626): here
 ``train.drop_last=True`` runs the 625 steps per epoch its schedule counts, so every step's learning
 rate equals larq-zoo's; its 600 further steps at learning rate 0, which only move BatchNorm's
-moving statistics, are not run. What differs, README ("Porting a larq recipe"): the input pipeline
-(torchvision's RandomResizedCrop with area 0.08-1 here, larq-zoo's EfficientNet-style crop of area
-0.05-1), and BatchNorm over the global batch where larq-zoo's MirroredStrategy normalised each
-GPU's share (set ``model.bn_group_size`` to 2048 / its GPU count, which its code does not record).
+moving statistics, are not run. What differs, README ("Porting a larq recipe"): the training
+augmentation (torchvision's RandomResizedCrop here; larq-zoo's EfficientNet-style
+``sample_distorted_bounding_box`` crop, area 0.08-1 as its ``_decode_and_random_crop`` passes it,
+resized bicubic), and BatchNorm over the global batch where larq-zoo's MirroredStrategy normalised
+each GPU's share (set ``model.bn_group_size`` to 2048 / its GPU count, which its code does not
+record).
 """
 from bnn_jax.config import default_config
 from bnn_jax.errors import ConfigError
@@ -67,6 +72,7 @@ def get_config(name: str = "quicknet"):
     raise ConfigError(f"unknown Larq Zoo model {name!r}; valid: {sorted(MODELS)}")
   c = default_config()
   c.model.update(arch=None, neck=None, num_classes=1000, **MODELS[name])
+  c.dataset.eval_preprocess = "larq_zoo"  # its evaluation crop and bicubic resize
   for section, fields in RECIPES.get(name, {}).items():
     c[section].update(fields)
   return c

@@ -1,5 +1,6 @@
 """Input pipelines as the original's: torchvision's RandomResizedCrop, Pillow / OpenCV resizing,
-mmcls' eval resize and centre crop, and epochs that keep the last partial batch."""
+mmcls' eval resize and centre crop, larq-zoo's evaluation crop and bicubic resize, and epochs that
+keep the last partial batch."""
 import math
 import random
 
@@ -107,6 +108,82 @@ def test_cv2_resize_is_bilinear_without_antialiasing():
     assert np.abs(ours - theirs).max() <= 1
   smoothed = data.resize_image(tf.constant(image), (100, 133), "pillow").numpy()
   assert np.abs(smoothed - data.resize_image(tf.constant(image), (100, 133), "cv2").numpy()).mean() > 0.5
+
+
+def legacy_bicubic_weights(in_size, out_size):
+  """TensorFlow's legacy bicubic resize (``half_pixel_centers=False``) along one axis, written out
+  from its algorithm: output i samples x = i · in/out (float32), Keys' cubic with a = −0.75 at the
+  taps floor(x) − 1 … floor(x) + 2 clamped to the image, the fraction rounded to 1/1024 (its
+  coefficient table)."""
+  a = -0.75
+
+  def cubic(t):
+    t = abs(t)
+    return ((a + 2) * t - (a + 3)) * t * t + 1 if t <= 1 else ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+  weights = np.zeros((out_size, in_size))
+  scale = np.float32(in_size) / np.float32(out_size)
+  for i in range(out_size):
+    x = np.float32(i) * scale
+    base = int(np.floor(x))
+    fraction = round(float(x - base) * 1024) / 1024
+    for tap in range(-1, 3):
+      weights[i, min(max(base + tap, 0), in_size - 1)] += cubic(tap - fraction)
+  return weights
+
+
+# larq-zoo's MEAN_RGB and STDDEV_RGB (its models have no normalisation layer)
+LARQ_ZOO_MEAN = np.array([0.485 * 255, 0.456 * 255, 0.406 * 255], np.float32)
+LARQ_ZOO_STD = np.array([0.229 * 255, 0.224 * 255, 0.225 * 255], np.float32)
+
+
+def larq_zoo_eval_config():
+  config = ml_collections.ConfigDict(dict(augment="imagenet", image_size=224, mean=data.IMAGENET_MEAN,
+                                          std=data.IMAGENET_STD, resize="cv2",
+                                          eval_preprocess="larq_zoo"))
+  return data.make_preprocess(config, train=False)
+
+
+@pytest.mark.parametrize("shape, window", [((213, 300), (14, 57, 186)),  # 0.875 · 213 = 186.375
+                                           ((375, 500), (24, 86, 328)),  # 328.125; (172 + 1) // 2
+                                           ((500, 333), (105, 21, 291))])  # 291.375
+def test_larq_zoo_eval_crop_is_its_central_224_of_256_rounded_down(shape, window):
+  assert tuple(int(v) for v in data.larq_zoo_crop_window(tf.constant(shape), 224)) == window
+
+
+def test_larq_zoo_eval_is_the_central_crop_resized_by_legacy_bicubic_then_normalised():
+  image = smooth_image(213, 300)
+  ours = larq_zoo_eval_config()({"image": image, "label": 0}, None)["image"].numpy()
+  crop = image[14:14 + 186, 57:57 + 186].astype(np.float64)  # the window above
+  weights = legacy_bicubic_weights(186, 224)
+  resized = np.einsum("ih,jw,hwc->ijc", weights, weights, crop, optimize=True)
+  assert resized.min() < 0 and resized.max() > 255  # overshoots, neither rounded nor clipped
+  np.testing.assert_allclose(ours, (resized - LARQ_ZOO_MEAN) / LARQ_ZOO_STD, atol=2e-5)
+  png = tf.io.encode_png(image)  # an image folder's PNG: decoded whole, then cropped
+  np.testing.assert_array_equal(larq_zoo_eval_config()({"image": png, "label": 0}, None)["image"],
+                                ours)
+
+
+def test_larq_zoo_eval_of_a_jpeg_decodes_the_crop_as_larq_zoo():
+  # larq-zoo's _decode_and_center_crop, op for op: decode_and_crop_jpeg (whose pixels at the crop's
+  # edges differ from decoding the whole file and cropping), the legacy bicubic, its mean and std.
+  jpeg = tf.io.encode_jpeg(smooth_image(213, 300), quality=90)
+  ours = larq_zoo_eval_config()({"image": jpeg, "label": 0}, None)["image"].numpy()
+  crop = tf.image.decode_and_crop_jpeg(jpeg, [14, 57, 186, 186], channels=3)
+  theirs = tf.compat.v1.image.resize_bicubic([crop], [224, 224])[0]
+  np.testing.assert_allclose(ours, (theirs.numpy() - LARQ_ZOO_MEAN) / LARQ_ZOO_STD, rtol=0, atol=1e-6)
+
+
+def test_larq_zoo_configs_evaluate_as_larq_zoo_and_an_unknown_eval_preprocess_is_one_line():
+  from bnn_jax.config import load_config
+  assert load_config("larq_zoo:quicknet").dataset.eval_preprocess == "larq_zoo"
+  assert load_config("larq_zoo_r2b:r2b_bnn").dataset.eval_preprocess == "larq_zoo"
+  assert load_config("birealnet_r18").dataset.eval_preprocess == "resize_crop"
+  config = load_config("larq_zoo:quicknet").dataset
+  config.eval_preprocess = "larq"
+  with pytest.raises(data.ConfigError, match=r"unknown dataset.eval_preprocess 'larq'; valid: "
+                                             r"\['resize_crop', 'larq_zoo'\]"):
+    data.make_preprocess(config, train=False)
 
 
 def test_an_epoch_keeps_its_last_partial_batch_filled_from_its_start():
