@@ -286,7 +286,7 @@ class _Walker:
 
   def equation(self, eqn, args: List[Value], name: str, repeat: int) -> List[Value]:
     equation = _Equation(eqn, args)
-    subs = _sub_jaxprs(eqn)
+    subs = [] if _is_depthwise_conv(eqn) else _sub_jaxprs(eqn)
     if subs:
       # A cond runs one of its branches: keep the costliest. Other calls have one sub-jaxpr.
       walked = [self.walk_apart(sub, args[len(args) - len(sub.invars):], consts,
@@ -298,7 +298,7 @@ class _Walker:
         return results
       return equation.outputs(Precision.REAL)
     prim = eqn.primitive.name
-    if prim in ("conv_general_dilated", "dot_general"):
+    if prim in ("conv_general_dilated", "dot_general") or _is_depthwise_conv(eqn):
       self.count(eqn, args, name, repeat)
       return equation.outputs(Precision.REAL)
     if prim != "sign" and all(a.precision is Precision.CONST for a in args):
@@ -312,6 +312,8 @@ class _Walker:
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
       per_output = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
       kind = "conv"
+    elif _is_depthwise_conv(eqn):  # (k, k, C, M): one input channel per output, k² taps
+      per_output, kind = rhs.shape[0] * rhs.shape[1], "conv"
     else:
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       per_output = math.prod(lhs.shape[d] for d in lhs_contract)
@@ -335,6 +337,12 @@ class _Walker:
     for operand, aval in ((inputs, input_aval), (kernel, kernel_aval)):
       if operand.precision is Precision.BINARY and not operand.from_input:
         self.binary_param_ids.update(own_params(operand, aval))
+
+
+def _is_depthwise_conv(eqn) -> bool:
+  """Whether ``eqn`` is a call of bnn_jax.layers.cpu_kernels.depthwise_conv (shifted taps, no
+  convolution primitive: counted as the depthwise convolution it computes)."""
+  return eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "depthwise_conv"
 
 
 def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],

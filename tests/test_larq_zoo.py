@@ -63,7 +63,8 @@ def _count(tree) -> int:
 def test_full_size_counts(name):
   """Trainable = our params; non-trainable = BatchNorm statistics plus fixed kernels (QuickNet's
   blur pool), as Keras' count_params() counts them; BOPs from our jaxpr walk = larq's ModelProfile
-  binary MACs (within 1%), all from shapes alone."""
+  binary MACs (within 1%) and its FLOPs the float MACs (depthwise convolutions included), all
+  from shapes alone."""
   expected = json.loads(COUNTS.read_text())[name]
   model = build_model(load_config(f"larq_zoo:{name}").model)
   shape = (1, 224, 224, 3)
@@ -74,6 +75,8 @@ def test_full_size_counts(name):
   assert (report.params, _count(variables["batch_stats"]) + fixed) == (
       expected["params_trainable"], expected["params_non_trainable"])
   assert report.bops == pytest.approx(expected["binary_macs"], rel=0.01)
+  if not report.mixed:  # larq counts a mixed layer's MACs as float (BinaryAlexNet's first) or
+    assert report.flops == expected["float_macs"]  # apart (DoReFa's 2-bit inputs)
   # What the per-kind optimizers route (bnn_jax.variables, from module types): the binary kernels
   # are what the walk finds binarized, the normalisation parameters those with statistics.
   kinds = jax.tree.leaves(variable_kinds(model, shape).kinds)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from bnn_jax import binarize
 from bnn_jax.binarize import BinarizerSpec
 from bnn_jax.errors import ConfigError
-from bnn_jax.layers.cpu_kernels import plain_conv
+from bnn_jax.layers.cpu_kernels import depthwise_conv, plain_conv
 
 Dtype = Any
 PADDINGS = ("same", "valid")
@@ -81,11 +81,9 @@ class QuantConv(nn.Module):
     if self.pad_values != 0 and any(any(p) for p in pads):
       x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=self.pad_values)
       pads = ((0, 0), (0, 0))
-    groups = channels if self.depthwise else 1
-    if self.depthwise:  # (kh, kw, C, M) -> HWIO with C groups: output channel c·M + m
-      kernel = kernel.reshape(k, k, 1, channels * self.features)
-    y = plain_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pads, groups,
-                   self.dilation).astype(self.dtype)
+    conv = depthwise_conv if self.depthwise else plain_conv  # (kh, kw, C, M) | HWIO kernel
+    y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pads,
+             dilation=self.dilation).astype(self.dtype)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (y.shape[-1],)).astype(self.dtype)
     return y

@@ -30,7 +30,9 @@ import numpy as np
 from bnn_jax.binarize import BinarizerSpec
 from bnn_jax.errors import ConfigError
 from bnn_jax.layers.activations import KerasPReLU
+from bnn_jax.layers.cpu_kernels import depthwise_conv
 from bnn_jax.layers.norm import KerasBatchNorm
+from bnn_jax.layers.pooling import max_pool
 from bnn_jax.layers.quant import QuantConv, QuantDense, glorot_uniform, spatial_padding
 from bnn_jax.models.backbones import requested_layers, sow_block_output
 
@@ -163,11 +165,8 @@ class Graph:
     """Keras' DepthwiseConv2D with a fixed (``trainable=False``) kernel (kh, kw, C, 1), such as
     QuickNet's blur pool: a constant here, not a variable; the ``.h5`` converter checks it."""
     name = self.name("depthwise_conv2d")
-    k, channels = kernel.shape[0], kernel.shape[2]
-    pads = spatial_padding(x.shape, padding, k, strides)
-    y = jax.lax.conv_general_dilated(
-        x, jnp.asarray(kernel.reshape(k, k, 1, channels), x.dtype), (strides, strides), pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    pads = spatial_padding(x.shape, padding, kernel.shape[0], strides)
+    y = depthwise_conv(x, jnp.asarray(kernel), strides, pads).astype(x.dtype)
     return self._record("depthwise_conv2d", (x,), y, name, [("constant", "depthwise_kernel")],
                         {"depthwise_kernel": kernel})
 
@@ -226,8 +225,7 @@ class Graph:
     """Keras' MaxPool2D (strides default to the pool size); "same" padding never wins."""
     strides = strides or pool_size
     pads = spatial_padding(x.shape, padding, pool_size, strides)
-    y = self.op("max_pooling2d", lambda v: nn.max_pool(v, (pool_size,) * 2, (strides,) * 2,
-                                                       pads), x, name=name)
+    y = self.op("max_pooling2d", lambda v: max_pool(v, pool_size, strides, pads), x, name=name)
     if self._layers is not None:  # when the recorded graph is run: does a window tie?
       layer = self._layers[-1]
 
