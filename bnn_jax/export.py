@@ -6,6 +6,10 @@ other variable as is, in one ``.npz`` that numpy reads alone (the keys are docum
 ``packed.py``); ``bnn_jax.packed.load(FILE)`` returns the jitted ``images -> logits``. Prints the
 file's size next to the float variables' and the checkpoint's.
 
+``--format stablehlo`` writes the packed model as a deployable artifact (:mod:`bnn_jax.stablehlo`):
+a serialised ``jax.export`` program of the pure-JAX packed path plus its weights in one ``.npz``,
+which jax and numpy run alone (no bnn_jax, no Flax), on the CPU or a CUDA GPU, any batch size.
+
 ``--format keras-h5`` writes a Larq Zoo model's variables as larq-zoo's Keras weight file
 (:mod:`bnn_jax.keras_weights`): larq-zoo loads it with ``weights=FILE`` (and Larq Compute Engine
 converts the Keras model for ARM devices).
@@ -20,7 +24,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from bnn_jax import cli, keras_weights, packed
+from bnn_jax import cli, keras_weights, packed, stablehlo
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import restore_checkpoint
 
@@ -49,19 +53,35 @@ def written_atomically(out: str) -> Iterator[str]:
       os.remove(temporary)
 
 
+def _packed_checkpoint(config, workdir: str, step):
+  """(experiment, variables on the host, their packed weights, step) of a checkpoint."""
+  experiment, variables, step = restore_checkpoint(config, workdir, step)
+  variables = jax.device_get(variables)
+  weights = packed.pack_weights(experiment.model, variables, experiment.input_shape)
+  return experiment, variables, jax.device_get(weights), step
+
+
 def export(config, workdir: str, out: str, step=None) -> dict:
   """Writes ``out`` (atomically); returns its size, the float variables' and the checkpoint step's,
   in bytes."""
   with written_atomically(out) as temporary:
-    experiment, variables, step = restore_checkpoint(config, workdir, step)
-    variables = jax.device_get(variables)
-    weights = packed.pack_weights(experiment.model, variables, experiment.input_shape)
-    packed.save(temporary, config.model.to_dict(), experiment.input_shape, variables,
-                jax.device_get(weights))
+    experiment, variables, weights, step = _packed_checkpoint(config, workdir, step)
+    packed.save(temporary, config.model.to_dict(), experiment.input_shape, variables, weights)
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(variables))
   return {"step": step, "binary_layers": len(weights), "file_bytes": os.path.getsize(out),
           "float_variables_bytes": float_bytes,
           "checkpoint_bytes": directory_bytes(os.path.join(workdir, "checkpoints", str(step)))}
+
+
+def export_stablehlo(config, workdir: str, out: str, step=None) -> dict:
+  """Writes ``out``, the checkpoint's packed model as a jax.export artifact (atomically); returns
+  its step, binary layer count, size and the platforms its program runs on."""
+  with written_atomically(out) as temporary:
+    experiment, variables, weights, step = _packed_checkpoint(config, workdir, step)
+    program = stablehlo.save(temporary, experiment.model, config.model.to_dict(), variables,
+                             weights, experiment.input_shape[1:])
+  return {"step": step, "binary_layers": len(weights), "file_bytes": os.path.getsize(out),
+          "platforms": list(program.platforms)}
 
 
 def export_keras(config, workdir: str, out: str, step=None) -> dict:
@@ -76,17 +96,18 @@ def export_keras(config, workdir: str, out: str, step=None) -> dict:
           "file_bytes": os.path.getsize(out)}
 
 
-FORMATS = ("packed-npz", "keras-h5")
+FORMATS = ("packed-npz", "stablehlo", "keras-h5")
 
 
 def main():
   config = cli.config_flag("The run's config file.")
   workdir = flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
-  out = flags.DEFINE_string("out", None, "The file to write (.npz, or .h5 for keras-h5).")
+  out = flags.DEFINE_string("out", None, "The file to write (.npz; .h5 for keras-h5).")
   step = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
   file_format = flags.DEFINE_enum("format", "packed-npz", FORMATS,
-                                  "packed-npz: bit-packed inference; keras-h5: a larq-zoo weight "
-                                  "file of a Larq Zoo model.")
+                                  "packed-npz: bit-packed inference; stablehlo: the packed model "
+                                  "as a jax.export program plus weights, run by jax alone; "
+                                  "keras-h5: a larq-zoo weight file of a Larq Zoo model.")
 
   def body():
     mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
@@ -94,6 +115,13 @@ def main():
       sizes = export_keras(config.value, workdir.value, out.value, step.value)
       print(f"step {sizes['step']}: {sizes['layers']} Keras layers with weights -> {out.value} "
             f"({mib(sizes['file_bytes'])}); larq-zoo reads it with weights={out.value!r}")
+      return
+    if file_format.value == "stablehlo":
+      sizes = export_stablehlo(config.value, workdir.value, out.value, step.value)
+      print(f"step {sizes['step']}: {sizes['binary_layers']} binary layers packed -> {out.value} "
+            f"({mib(sizes['file_bytes'])}): a jax.export program for "
+            f"{'/'.join(sizes['platforms'])}, any batch size, run with jax alone "
+            f"(bnn_jax/stablehlo.py says how)")
       return
     sizes = export(config.value, workdir.value, out.value, step.value)
     print(f"step {sizes['step']}: {sizes['binary_layers']} binary layers packed -> {out.value}: "

@@ -395,6 +395,24 @@ def packed_model(model: nn.Module, variables: Dict[str, Any], input_shape,
 KERNEL_LEAVES = ("kernel", "depthwise_kernel")  # a packed layer's kernel variable, by layer kind
 
 
+def _named_leaves(tree) -> Dict[str, np.ndarray]:
+  """{"collection/path/leaf": array} of a nested dict of arrays."""
+  return {"/".join(str(getattr(k, "key", k)) for k in key_path): np.asarray(value)
+          for key_path, value in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def without_binary_kernels(variables: Dict[str, Any], weights: Dict[str, Any]) -> Dict[str, Any]:
+  """``variables`` less each packed layer's kernel (:data:`KERNEL_LEAVES`), which a
+  :class:`PackedClassifier` never reads: it runs on ``weights``' bits."""
+  binary_kernels = {("params", *layer.split("/"), leaf) for layer in weights
+                    for leaf in KERNEL_LEAVES}
+
+  def kept(node, path):
+    return {key: kept(value, path + (key,)) if isinstance(value, dict) else value
+            for key, value in node.items() if path + (key,) not in binary_kernels}
+  return kept(dict(variables), ())
+
+
 def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[str, Any],
          weights: Dict[str, Any]) -> None:
   """Writes a packed model to one .npz (the format above); binary kernels are stored only as bits.
@@ -405,12 +423,8 @@ def save(path: str, model_config: Dict[str, Any], input_shape, variables: Dict[s
     input_shape: one batch's input shape.
     variables: the trained variables; weights: :func:`pack_weights`'s output.
   """
-  binary_kernels = {f"params/{layer}/{leaf}" for layer in weights for leaf in KERNEL_LEAVES}
   arrays = {"model": np.asarray(json.dumps(model_config)), "input_shape": np.asarray(input_shape)}
-  for key_path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
-    if name not in binary_kernels:
-      arrays[name] = np.asarray(value)
+  arrays.update(_named_leaves(without_binary_kernels(variables, weights)))
   for layer, packed_layer in weights.items():
     for field, value in packed_layer.items():
       arrays[f"packed/{layer}/{field}"] = np.asarray(value)

@@ -1,5 +1,8 @@
 """Bit-packed inference: exact XNOR-popcount dot products, padding corrected, whole models."""
 import json
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -11,7 +14,7 @@ from bnn_jax import kernels, keras_weights, packed
 from bnn_jax.binarize import sign
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
-from bnn_jax.export import export
+from bnn_jax.export import export, export_stablehlo
 from bnn_jax.layers.quant import QuantConv, QuantDense
 from bnn_jax.models import abstract_variables, build_model
 from bnn_jax.parity_larq import model_config
@@ -167,6 +170,40 @@ def test_packed_evaluation_and_exported_file_reproduce_the_trained_model(digits_
   images = jax.random.normal(jax.random.key(4), (16,) + tuple(experiment.input_shape[1:]))
   expected = jax.jit(lambda v, x: experiment.model.apply(v, x, train=False))(variables, images)
   np.testing.assert_allclose(packed.load(out)(images), expected, rtol=1e-4, atol=1e-4)
+
+
+# What a user runs with jax and numpy alone (bnn_jax/stablehlo.py's docstring), in a process
+# that never imports bnn_jax or Flax: one program, batches of two sizes.
+STANDALONE = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    with np.load(sys.argv[1]) as file:
+      program = jax.export.deserialize(bytearray(file["program"]))
+      weights = [file[f"weights/{i}"] for i in range(int(file["num_weights"]))]
+    with np.load(sys.argv[2]) as batches:
+      logits = {name: np.asarray(program.call(weights, batches[name])) for name in batches.files}
+    assert not any(m.split(".")[0] in ("bnn_jax", "flax") for m in sys.modules), "imported"
+    np.savez(sys.argv[3], **logits)
+""")
+
+
+def test_stablehlo_artifact_runs_with_jax_alone_and_equals_the_packed_model(digits_run, tmp_path):
+  config, workdir, _ = digits_run
+  out, images_file, logits_file = (str(tmp_path / name) for name in
+                                   ("model.npz", "images.npz", "logits.npz"))
+  sizes = export_stablehlo(config, workdir, out)
+  assert sizes["binary_layers"] == 16 and "cpu" in sizes["platforms"]
+  experiment, variables, _ = restore_checkpoint(config, workdir)
+  image_shape = tuple(experiment.input_shape[1:])
+  batches = {f"b{n}": np.asarray(jax.random.normal(jax.random.key(n), (n,) + image_shape))
+             for n in (3, 5)}
+  np.savez(images_file, **batches)
+  subprocess.run([sys.executable, "-c", STANDALONE, out, images_file, logits_file], check=True)
+  weights = packed.pack_weights(experiment.model, variables, experiment.input_shape)
+  with np.load(logits_file) as logits:  # the pure-JAX path it serialises, and the native one
+    for (name, images), backend in zip(batches.items(), ("jax", "auto")):
+      run = packed.PackedClassifier(experiment.model, weights, backend).bind(variables)
+      np.testing.assert_array_equal(logits[name], run(images))
 
 
 def _larq_fixture(name):

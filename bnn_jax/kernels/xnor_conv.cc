@@ -77,15 +77,11 @@ struct Window {
   int64_t inside;  // taps inside the input
 
   Window() = default;
-  Window(const Geometry& g, int64_t pixel) {
-    const int64_t x = pixel % g.out_w, rest = pixel / g.out_w;
-    image = g.in + rest / g.out_h * g.in_h * g.in_w * g.words;
-    top = rest % g.out_h * g.stride - g.pad_top;
-    left = x * g.stride - g.pad_left;
-    inside = 0;
-    for (int64_t i = 0; i < g.kernel; ++i)
-      for (int64_t j = 0; j < g.kernel; ++j) inside += Tap(g, i, j) != nullptr;
-  }
+  Window(const Geometry& g, int64_t n, int64_t y, int64_t x)
+      : image(g.in + n * g.in_h * g.in_w * g.words),
+        top(y * g.stride - g.pad_top),
+        left(x * g.stride - g.pad_left),
+        inside(Inside(top, g.in_h, g) * Inside(left, g.in_w, g)) {}
   // Tap (i, j)'s words, or nullptr where it falls in the padding.
   const uint32_t* Tap(const Geometry& g, int64_t i, int64_t j) const {
     const int64_t y = top + i * g.dilation, x = left + j * g.dilation;
@@ -96,6 +92,30 @@ struct Window {
   int32_t Depth(const Geometry& g) const {
     return static_cast<int32_t>((g.pad_value == 0 ? inside : g.taps()) * g.channels);
   }
+  // How many of a window's kernel positions from `start` fall in [0, size) on one axis.
+  static int64_t Inside(int64_t start, int64_t size, const Geometry& g) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < g.kernel; ++i) count += start + i * g.dilation >= 0 &&
+                                                     start + i * g.dilation < size;
+    return count;
+  }
+};
+
+// The windows of consecutive output pixels, from one division for the first.
+class Windows {
+ public:
+  Windows(const Geometry& g, int64_t pixel)
+      : g_(g), x_(pixel % g.out_w), y_(pixel / g.out_w % g.out_h), n_(pixel / g.out_w / g.out_h) {}
+  Window Next() {
+    const Window window(g_, n_, y_, x_);
+    if (++x_ == g_.out_w) x_ = 0, ++y_;
+    if (y_ == g_.out_h) y_ = 0, ++n_;
+    return window;
+  }
+
+ private:
+  const Geometry& g_;
+  int64_t x_, y_, n_;
 };
 
 constexpr int kPixels = 4;  // pixels per register tile
@@ -105,39 +125,56 @@ constexpr int kLanes = 16;   // output channels per 512-bit register
 constexpr int kVectors = 4;  // registers of output channels per tile
 constexpr int64_t kChannelsPerTile = kLanes * kVectors;
 
+// acc[p][v] += popcount(source[p][r] ^ rows[r][v]) for r < count, where counted[p] (a
+// zero-padded tap outside the input adds nothing); `rows` strides by `outputs` words.
+template <int P, int V>
+inline void Accumulate(__m512i (&acc)[P][V], const uint32_t* const (&source)[P],
+                       const __mmask16 (&counted)[P], const uint32_t* rows, int64_t count,
+                       int64_t outputs, __mmask16 last_mask) {
+  for (int64_t r = 0; r < count; ++r, rows += outputs) {
+    __m512i weights[V];
+    for (int v = 0; v < V; ++v)
+      weights[v] = _mm512_maskz_loadu_epi32(v == V - 1 ? last_mask : 0xFFFF, rows + v * kLanes);
+    for (int p = 0; p < P; ++p) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(source[p][r]));
+      for (int v = 0; v < V; ++v)
+        acc[p][v] = _mm512_mask_add_epi32(acc[p][v], counted[p], acc[p][v],
+                                          _mm512_popcnt_epi32(_mm512_xor_si512(a, weights[v])));
+    }
+  }
+}
+
 // One tile: P pixels x V registers of output channels from `first`; `last_mask` masks the last
-// register's channels (O need not be a multiple of 16).
+// register's channels (O need not be a multiple of 16). Where every window lies inside the input
+// (and the kernel is not dilated) a kernel row's taps are consecutive words in the input and in
+// the weights: one run of kernel * words each, not kernel runs of words.
 template <int P, int V>
 void Tile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t first,
-          __mmask16 last_mask) {
+          const Window* windows, __mmask16 last_mask) {
   __m512i acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_si512();
-  Window windows[P];
-  for (int p = 0; p < P; ++p) windows[p] = Window(g, pixel + p);
-  for (int64_t i = 0; i < g.kernel; ++i)
-    for (int64_t j = 0; j < g.kernel; ++j) {
-      const uint32_t* source[P];
-      __mmask16 counted[P];  // a zero-padded tap outside the input adds nothing
+  bool interior = g.dilation == 1;
+  for (int p = 0; p < P; ++p) interior = interior && windows[p].inside == g.taps();
+  const uint32_t* source[P];
+  __mmask16 counted[P];
+  const int64_t row_words = g.kernel * g.words;
+  for (int64_t i = 0; i < g.kernel; ++i) {
+    const uint32_t* rows = w + i * row_words * g.outputs + first;
+    if (interior) {
+      for (int p = 0; p < P; ++p) source[p] = windows[p].Tap(g, i, 0), counted[p] = 0xFFFF;
+      Accumulate<P, V>(acc, source, counted, rows, row_words, g.outputs, last_mask);
+      continue;
+    }
+    for (int64_t j = 0; j < g.kernel; ++j, rows += g.words * g.outputs) {
       for (int p = 0; p < P; ++p) {
         source[p] = windows[p].Tap(g, i, j);
         counted[p] = source[p] != nullptr || g.pad_value != 0 ? 0xFFFF : 0;
         if (source[p] == nullptr) source[p] = g.pad_word.data();
       }
-      const uint32_t* rows = w + (i * g.kernel + j) * g.words * g.outputs + first;
-      for (int64_t word = 0; word < g.words; ++word, rows += g.outputs) {
-        __m512i weights[V];
-        for (int v = 0; v < V; ++v)
-          weights[v] = _mm512_maskz_loadu_epi32(v == V - 1 ? last_mask : 0xFFFF, rows + v * kLanes);
-        for (int p = 0; p < P; ++p) {
-          const __m512i a = _mm512_set1_epi32(static_cast<int>(source[p][word]));
-          for (int v = 0; v < V; ++v)
-            acc[p][v] = _mm512_mask_add_epi32(
-                acc[p][v], counted[p], acc[p][v],
-                _mm512_popcnt_epi32(_mm512_xor_si512(a, weights[v])));
-        }
-      }
+      Accumulate<P, V>(acc, source, counted, rows, g.words, g.outputs, last_mask);
     }
+  }
   for (int p = 0; p < P; ++p) {
     const __m512i depth = _mm512_set1_epi32(windows[p].Depth(g));
     for (int v = 0; v < V; ++v)
@@ -148,24 +185,33 @@ void Tile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int
 }
 
 template <int P>
-void PixelTile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t first) {
+void PixelTile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t first,
+               const Window* windows) {
   const int64_t left = g.outputs - first;
   const int vectors = static_cast<int>(std::min<int64_t>(kVectors, (left + kLanes - 1) / kLanes));
   const int tail = static_cast<int>(left - (vectors - 1) * kLanes);
   const __mmask16 mask = tail >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << tail) - 1);
   switch (vectors) {
-    case 4: return Tile<P, 4>(g, w, out, pixel, first, mask);
-    case 3: return Tile<P, 3>(g, w, out, pixel, first, mask);
-    case 2: return Tile<P, 2>(g, w, out, pixel, first, mask);
-    default: return Tile<P, 1>(g, w, out, pixel, first, mask);
+    case 4: return Tile<P, 4>(g, w, out, pixel, first, windows, mask);
+    case 3: return Tile<P, 3>(g, w, out, pixel, first, windows, mask);
+    case 2: return Tile<P, 2>(g, w, out, pixel, first, windows, mask);
+    default: return Tile<P, 1>(g, w, out, pixel, first, windows, mask);
   }
 }
 
 // Pixels [pixel, end) x output channels [first, first + kChannelsPerTile).
 void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t end,
            int64_t first) {
-  for (; pixel + kPixels <= end; pixel += kPixels) PixelTile<kPixels>(g, w, out, pixel, first);
-  for (; pixel < end; ++pixel) PixelTile<1>(g, w, out, pixel, first);
+  Windows next(g, pixel);
+  Window windows[kPixels];
+  for (; pixel + kPixels <= end; pixel += kPixels) {
+    for (Window& window : windows) window = next.Next();
+    PixelTile<kPixels>(g, w, out, pixel, first, windows);
+  }
+  for (; pixel < end; ++pixel) {
+    windows[0] = next.Next();
+    PixelTile<1>(g, w, out, pixel, first, windows);
+  }
 }
 
 // Bits of 32 floats: x >= 0 (NaN is not), `valid` of them (the rest 0).
@@ -185,8 +231,9 @@ constexpr int64_t kChannelsPerTile = 64;
 void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t end,
            int64_t first) {
   const int64_t last = std::min(g.outputs, first + kChannelsPerTile);
+  Windows next(g, pixel);
   for (; pixel < end; ++pixel) {
-    const Window window(g, pixel);
+    const Window window = next.Next();
     int32_t acc[kChannelsPerTile] = {0};
     for (int64_t i = 0; i < g.kernel; ++i)
       for (int64_t j = 0; j < g.kernel; ++j) {

@@ -61,11 +61,17 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, pad: int, groups: int,
   (same values; ``BNN_JAX_CPU_CONV_BACKWARD=xla`` in the environment keeps XLA's own).
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if (groups == 1 and x.dtype == jnp.float32 and x.size >= STORED_INPUT_MIN_SIZE
+  if (groups == 1 and x.dtype == jnp.float32 and _at_least(x.size, STORED_INPUT_MIN_SIZE)
       and x.shape[-1] % 8 == 0 and jax.default_backend() == "cpu"
       and os.environ.get("BNN_JAX_CPU_CONV_BACKWARD", "stored_input") == "stored_input"):
     return cpu_conv2d(x, kernel, strides, pad)
   return plain_conv(x, kernel, strides, pad, groups).astype(dtype)
+
+
+def _at_least(size, minimum: int) -> bool:
+  """``size >= minimum`` for a known size; a symbolic one (a jax.export batch) is not: it only
+  decides which backward a convolution takes."""
+  return isinstance(size, int) and size >= minimum
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, name: Optional[str] = None,
