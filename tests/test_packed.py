@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_jax import kernels, keras_weights, packed
+from bnn_jax import kernels, keras_weights, op_profile, packed
 from bnn_jax.binarize import sign
 from bnn_jax.errors import ConfigError
 from bnn_jax.evaluate import evaluate_checkpoint, restore_checkpoint
@@ -245,3 +245,21 @@ def test_packed_larq_zoo_model_from_its_file_matches_the_float_model(name, tmp_p
   run = packed.load(path)  # the jitted apply with the file's variables bound: compiled once, fast
   logits = compiled_fast(run.func)(*run.args, images)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
+
+
+def test_op_profile_attributes_each_op_to_its_module_and_custom_call():
+  """What benchmark_packed.py --layers tabulates: self times by emitting module, the native
+  kernel's calls named by their target."""
+  model = OneLayer(QuantConv(64, 3, padding="same", pad_values=1.0, **BINARY))
+  shape = (1, 16, 16, 64)
+  variables = random_variables(abstract_variables(model, shape))
+  weights = packed.pack_weights(model, variables, shape)
+  classifier = packed.PackedClassifier(model, weights)
+  apply = jax.jit(lambda v, w, x: classifier.apply(v, x, weights=w))
+  ops = op_profile.profile(apply, variables, weights, jnp.ones(shape), repeats=2)
+  assert ops and all(op.seconds >= 0 for op in ops)
+  assert ops == sorted(ops, key=lambda op: -op.seconds)
+  assert {op.module for op in ops} >= {"layer"}
+  if packed.native("auto"):
+    assert {op.target for op in ops if op.module == "layer"} >= {"bnn_jax_xnor_conv",
+                                                                 "bnn_jax_pack_signs"}
