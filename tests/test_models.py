@@ -89,3 +89,31 @@ def test_unknown_arch_and_option_are_one_clear_error():
 def test_parity_with_original(fixture, shared_dir):
   report = check_fixture(str(PARITY_DIR / f"{fixture}.npz"))
   assert report.passed, "\n".join(report.lines())
+
+
+def last_feature_map(model, image_size=32):
+  """(height, width) of the smallest 4-D output of ``model``'s submodules (the map its global
+  pool averages: pools and reshapes are no submodules), from one abstract trace."""
+  def forward():
+    return model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+                      capture_intermediates=True)["intermediates"]
+  maps = [leaf.shape for leaf in jax.tree_util.tree_leaves(jax.eval_shape(forward))
+          if len(leaf.shape) == 4]
+  return min(shape[1:3] for shape in maps)
+
+
+@pytest.mark.parametrize("backbone", ["QuickNet", "BinaryDenseNet28", "BinaryResNetE", "BiRealNet",
+                                      "RealToBinNet", "MeliusNet22"])
+def test_larq_zoo_cifar_stem_gives_the_first_stage_the_whole_32x32_image(backbone):
+  from helpers import LARQ_ZOO_REDUCED
+  options = dict(backbone=backbone, num_classes=10, **LARQ_ZOO_REDUCED[backbone])
+  # three halvings after the stem, as 56×56 → 7×7 after the ImageNet stem (224 → 56)
+  assert last_feature_map(build_model(dict(options, cifar_stem=True))) == (4, 4)
+  if backbone in ("QuickNet", "BinaryDenseNet28", "BinaryResNetE"):  # an ImageNet stem at 32×32:
+    # larq-zoo's for QuickNet, asked for where larq-zoo picks its CIFAR stem below 50 pixels
+    assert last_feature_map(build_model(dict(options, cifar_stem=False))) == (1, 1)
+
+
+def test_larq_zoo_models_without_a_cifar_stem_refuse_one_in_one_line():
+  with pytest.raises(ConfigError, match=r"unknown model option\(s\) \['cifar_stem'\] for XNORNet"):
+    build_model(dict(backbone="XNORNet", num_classes=10, cifar_stem=True))

@@ -20,18 +20,22 @@ class BiRealNet(nn.Module):
 
   ``filters`` is larq-zoo's field (64). larq's WeightClip on the binary kernels is an
   optimizer-side constraint, not part of the forward or gradient, so it is not here.
+  ``cifar_stem`` runs the 7×7 conv at stride 1 and drops the max pool (the same weights).
   """
   num_classes: int = 1000
   filters: int = 64
+  cifar_stem: Optional[bool] = None  # None: larq-zoo's (ImageNet) stem
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
     g = Graph(images, train, self.dtype, module=self)
-    x = g.conv2d(images, self.filters, 7, strides=2, padding="same", use_bias=False,
-                 kernel_init=glorot_normal)
-    x = g.max_pool2d(g.batch_normalization(x, momentum=0.8), 3, 2, padding="same")
+    x = g.conv2d(images, self.filters, 7, strides=1 if self.cifar_stem else 2, padding="same",
+                 use_bias=False, kernel_init=glorot_normal)
+    x = g.batch_normalization(x, momentum=0.8)
+    if not self.cifar_stem:
+      x = g.max_pool2d(x, 3, 2, padding="same")
     x = self.residual(g, x, self.filters)
     for _ in range(3):
       x = self.residual(g, x, x.shape[-1])

@@ -27,11 +27,13 @@ class BinaryDenseNet(nn.Module):
   larq-zoo's Fields. Each variant sets, as larq-zoo's concrete factories do, the binary layers
   per block (larq-zoo's ``layers``), the transitions' ``reduction`` and each block's
   ``dilation_rate``: a dilated block keeps the resolution, so the transition before it has no
-  max pool. Inputs under 50 pixels get a 3×3 stem without pooling, as larq-zoo's.
+  max pool. Inputs under 50 pixels get larq-zoo's CIFAR stem, a 3×3 convolution without pooling;
+  ``cifar_stem`` True or False builds that stem or the ImageNet one whatever the input size.
   """
   num_classes: int = 1000
   initial_filters: int = 64
   growth_rate: int = 64
+  cifar_stem: Optional[bool] = None  # None: larq-zoo's choice by the input size
   dtype: Any = jnp.float32
 
   layers_per_block: ClassVar[Sequence[int]]
@@ -55,7 +57,8 @@ class BinaryDenseNet(nn.Module):
     return g.logits(g.dense(x, self.num_classes, kernel_init=he_normal))
 
   def stem(self, g: Graph, images):
-    if images.shape[1] < 50:
+    cifar = images.shape[1] < 50 if self.cifar_stem is None else self.cifar_stem
+    if cifar:
       return g.conv2d(images, self.initial_filters, 3, padding="same", use_bias=False,
                       kernel_init=he_normal)
     x = g.conv2d(images, self.initial_filters, 7, strides=2, padding="same", use_bias=False,

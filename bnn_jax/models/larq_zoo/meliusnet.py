@@ -26,11 +26,13 @@ class MeliusNet(nn.Module):
   ``transition_features`` (None: no transition) as larq-zoo's concrete factories do.
   ``width_divisor`` divides every convolution's filter count (rounded down, at least 1; a
   grouped convolution's per-group count), for reduced test models: larq-zoo writes these widths
-  into its code.
+  into its code. ``cifar_stem`` runs the stem's first convolution at stride 1 and drops its max
+  pool (the same weights).
   """
   num_classes: int = 1000
   batch_norm_momentum: float = 0.9
   width_divisor: int = 1
+  cifar_stem: Optional[bool] = None  # None: larq-zoo's (ImageNet) stem
   dtype: Any = jnp.float32
 
   num_blocks: ClassVar[Sequence[int]]
@@ -73,14 +75,14 @@ class MeliusNet(nn.Module):
     return g.op("lambda", lambda *v: jnp.concatenate(v, axis=-1), *outputs, name=f"{name}_concat")
 
   def group_stem(self, g: Graph, x, name: str):
-    x = g.conv2d(x, self.width(32), 3, strides=2, padding="same", use_bias=False,
-                 kernel_init=glorot_normal, name=f"{name}_s0_conv")
+    x = g.conv2d(x, self.width(32), 3, strides=1 if self.cifar_stem else 2, padding="same",
+                 use_bias=False, kernel_init=glorot_normal, name=f"{name}_s0_conv")
     x = g.activation(self.norm(g, x, f"{name}_s0_bn"), "relu", name=f"{name}_s0_relu")
     x = self.group_conv(g, x, 32, 4, f"{name}_s1_groupconv")
     x = g.activation(self.norm(g, x, f"{name}_s1_bn"), "relu", name=f"{name}_s1_relu")
     x = self.group_conv(g, x, 64, 8, f"{name}_s2_groupconv")
     x = g.activation(self.norm(g, x, f"{name}_s2_bn"), "relu", name=f"{name}_s2_relu")
-    return self.pool(g, x, f"{name}_pool")
+    return x if self.cifar_stem else self.pool(g, x, f"{name}_pool")
 
   @staticmethod
   def pool(g: Graph, x, name: str):

@@ -27,18 +27,21 @@ class QuickNet(nn.Module):
 
   ``section_blocks`` / ``section_filters`` are larq-zoo's fields: QuickNet (4, 4, 4, 4) /
   (64, 128, 256, 512), QuickNetSmall's filters (32, 64, 256, 512), QuickNetLarge's blocks
-  (6, 8, 12, 6). Binary convolutions pad their ±1 inputs with +1.
+  (6, 8, 12, 6). Binary convolutions pad their ±1 inputs with +1. ``cifar_stem`` runs the stem's
+  two stride-2 convolutions at stride 1 (32×32 inputs then enter the first section as 56×56 ones
+  after the ImageNet stem; the same weights).
   """
   num_classes: int = 1000
   section_blocks: Sequence[int] = (4, 4, 4, 4)
   section_filters: Sequence[int] = (64, 128, 256, 512)
+  cifar_stem: Optional[bool] = None  # None: larq-zoo's (ImageNet) stem
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, ede: Optional[EDE] = None):
     del ede
     g = Graph(images, train, self.dtype, module=self)
-    x = self.stem(g, images, self.section_filters[0])
+    x = self.stem(g, images, self.section_filters[0], strides=1 if self.cifar_stem else 2)
     for blocks, filters in zip(self.section_blocks, self.section_filters):
       for _ in range(blocks):
         if filters != x.shape[-1]:
@@ -49,11 +52,11 @@ class QuickNet(nn.Module):
     return g.logits(g.quant_dense(x, self.num_classes, kernel_init=glorot_normal))
 
   @staticmethod
-  def stem(g: Graph, x, filters: int):
-    x = g.quant_conv2d(x, filters // 4, 3, strides=2, padding="same", use_bias=False,
+  def stem(g: Graph, x, filters: int, strides: int = 2):
+    x = g.quant_conv2d(x, filters // 4, 3, strides=strides, padding="same", use_bias=False,
                        kernel_init=he_normal)
     x = g.activation(g.batch_normalization(x), "relu")
-    x = g.quant_depthwise_conv2d(x, 3, strides=2, padding="same", use_bias=False)
+    x = g.quant_depthwise_conv2d(x, 3, strides=strides, padding="same", use_bias=False)
     x = g.batch_normalization(x, center=False, scale=False)
     x = g.quant_conv2d(x, filters, 1, use_bias=False, kernel_init=he_normal)
     return g.batch_normalization(x)

@@ -59,13 +59,15 @@ class RealToBinNet(nn.Module):
 
   ``momentum`` (0.99) and ``scaling_r`` (the gate's reduction, 8) are larq-zoo's;
   ``width_divisor`` divides the stem's 64 filters, which every later width follows (a reduced
-  model for tests; larq-zoo has no such field).
+  model for tests; larq-zoo has no such field). ``cifar_stem`` runs the 7×7 conv at stride 1 and
+  drops the max pool (the same weights).
   """
   num_classes: int = 1000
   model_name: str = "r2b_bnn"
   momentum: float = 0.99
   scaling_r: int = 8
   width_divisor: int = 1
+  cifar_stem: Optional[bool] = None  # None: larq-zoo's (ImageNet) stem
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -94,13 +96,15 @@ class RealToBinNet(nn.Module):
 
   def first_block(self, g: Graph, x, prelu: bool, name: str):
     filters = max(1, STEM_FILTERS // self.width_divisor)
-    x = g.conv2d(x, filters, 7, strides=2, padding="same", use_bias=False,
-                 kernel_init=glorot_normal, name=f"{name}_conv2d")
+    x = g.conv2d(x, filters, 7, strides=1 if self.cifar_stem else 2, padding="same",
+                 use_bias=False, kernel_init=glorot_normal, name=f"{name}_conv2d")
     x = self.batch_norm(g, x, f"{name}_batch_norm")
     if prelu:
       x = g.p_re_lu(x, shared_axes=(1, 2), name=f"{name}_prelu")
     else:
       x = g.op("re_lu", nn.relu, x, name=f"{name}_relu")
+    if self.cifar_stem:
+      return x
     return g.max_pool2d(x, 3, 2, padding="same", name=f"{name}_pool")
 
   def shortcut(self, g: Graph, x, out_channels: int, name: str):

@@ -28,7 +28,8 @@ class BinaryResNetE(nn.Module):
   each with its own shortcut (what "E" adds), downsampling shortcuts average-pooled.
 
   ``num_layers`` picks larq-zoo's stage ``spec`` (blocks, widths); ``spec`` overrides it, as a
-  fixture does. Images under 50 pixels get larq-zoo's CIFAR stem (one 3×3 conv, no pooling).
+  fixture does. Images under 50 pixels get larq-zoo's CIFAR stem (one 3×3 conv, no pooling);
+  ``cifar_stem`` True or False builds that stem or the ImageNet one whatever the input size.
   larq's WeightClip(1.25) on the binary kernels is an optimizer-side constraint, not part of the
   forward or gradient, so it is not here.
   """
@@ -36,6 +37,7 @@ class BinaryResNetE(nn.Module):
   num_layers: int = 18
   initial_filters: int = 64
   spec: Optional[Sequence[Sequence[int]]] = None
+  cifar_stem: Optional[bool] = None  # None: larq-zoo's choice by the input size
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -60,7 +62,8 @@ class BinaryResNetE(nn.Module):
     return SPECS[self.num_layers]
 
   def stem(self, g: Graph, x):
-    if x.shape[1] < 50:
+    cifar = x.shape[1] < 50 if self.cifar_stem is None else self.cifar_stem
+    if cifar:
       return g.conv2d(x, self.initial_filters, 3, padding="same", use_bias=False,
                       kernel_init=he_normal)
     x = g.conv2d(x, self.initial_filters, 7, strides=2, padding="same", use_bias=False,
