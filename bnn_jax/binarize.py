@@ -66,6 +66,7 @@ class Binarizer:
   params: Tuple[Tuple[str, Any], ...] = ()
   uses_ede: bool = False  # the function takes the current EDE value as ``ede``
   binary: bool = True  # its output is ±1, up to a per-output-channel scale
+  sign_forward: bool = False  # its output is sign(x) itself (bit-packing packs x as it is)
 
   def __call__(self, x: jax.Array, ede: Optional[EDE] = None) -> jax.Array:
     kwargs = dict(self.params)
@@ -89,7 +90,8 @@ BinarizerSpec = Union[str, Mapping[str, Any], Callable[..., jax.Array], Binarize
 BinarizerPair = Tuple[Optional[BinarizerSpec], Optional[BinarizerSpec]]
 
 
-def register(name: Optional[str] = None, *, uses_ede: bool = False, binary: bool = True):
+def register(name: Optional[str] = None, *, uses_ede: bool = False, binary: bool = True,
+             sign_forward: bool = False):
   """Decorator filing ``f(x, **params)`` (``f(x, ede, **params)`` with ``uses_ede``) as ``name``
   (default: the function's name); returns ``f`` unchanged.
 
@@ -99,13 +101,15 @@ def register(name: Optional[str] = None, *, uses_ede: bool = False, binary: bool
     uses_ede: ``f`` reads IR-Net's current EDE value, passed as ``ede``.
     binary: the output is ±1 up to a per-output-channel scale (bit-packed inference and the
       BOPs report treat the conv as binary); False for smooth stand-ins such as ``tanh``.
+    sign_forward: the output is exactly :func:`sign` of ``x`` (only the gradient differs), so
+      bit-packed inference packs ``x >= 0`` straight from the layer's input.
   """
   def decorate(function):
     key = name or function.__name__
     taken = REGISTRY.get(key)
     if taken is not None and _origin(taken.function) != _origin(function):
       raise ValueError(f"binarizer {key!r} is already registered ({_origin(taken.function)})")
-    REGISTRY[key] = Binarizer(key, function, (), uses_ede, binary)
+    REGISTRY[key] = Binarizer(key, function, (), uses_ede, binary, sign_forward)
     return function
 
   return decorate
@@ -209,13 +213,13 @@ def _ede_sign_bwd(res, g):
 ede_sign.defvjp(_ede_sign_fwd, _ede_sign_bwd)
 
 
-@register("ede_sign", uses_ede=True)
+@register("ede_sign", uses_ede=True, sign_forward=True)
 def _ede_sign_now(x, ede: EDE):
   """IR-Net's activations (and standardised weights): EDE sign at the current k, t."""
   return ede_sign(x, ede.k, ede.t)
 
 
-@register()
+@register(sign_forward=True)
 @jax.custom_vjp
 def approx_sign(x):
   """Bi-Real Net's ApproxSign: grad = 2 + 2x on [−1, 0), 2 − 2x on [0, 1), 0 elsewhere.
@@ -239,7 +243,7 @@ def _approx_sign_bwd(x, g):
 approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 
-@register()
+@register(sign_forward=True)
 def ste_sign(x, clip: Optional[float] = 1.0, closed: bool = True):
   """Clipped straight-through sign: grad passes unchanged where |x| ≤ clip (``closed``), or where
   |x| < clip (HCEBNN's ``SignActivation``, which zeroes it at ±clip); ``clip=None`` everywhere.
@@ -251,7 +255,7 @@ def ste_sign(x, clip: Optional[float] = 1.0, closed: bool = True):
   return straight_through(x, sign(x), within_clip(x, clip, closed))
 
 
-@register()
+@register(sign_forward=True)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def swish_sign(x, beta: float = 5.0):
   """BNN+'s SwishSign (larq's ``swish_sign``): grad = β·(2 − βx·tanh(βx/2)) / (1 + cosh(βx)),

@@ -286,7 +286,7 @@ class _Walker:
 
   def equation(self, eqn, args: List[Value], name: str, repeat: int) -> List[Value]:
     equation = _Equation(eqn, args)
-    subs = [] if _is_depthwise_conv(eqn) else _sub_jaxprs(eqn)
+    subs = [] if _is_tap_conv(eqn) else _sub_jaxprs(eqn)
     if subs:
       # A cond runs one of its branches: keep the costliest. Other calls have one sub-jaxpr.
       walked = [self.walk_apart(sub, args[len(args) - len(sub.invars):], consts,
@@ -298,7 +298,7 @@ class _Walker:
         return results
       return equation.outputs(Precision.REAL)
     prim = eqn.primitive.name
-    if prim in ("conv_general_dilated", "dot_general") or _is_depthwise_conv(eqn):
+    if prim in ("conv_general_dilated", "dot_general") or _is_tap_conv(eqn):
       self.count(eqn, args, name, repeat)
       return equation.outputs(Precision.REAL)
     if prim != "sign" and all(a.precision is Precision.CONST for a in args):
@@ -312,8 +312,10 @@ class _Walker:
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
       per_output = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
       kind = "conv"
-    elif _is_depthwise_conv(eqn):  # (k, k, C, M): one input channel per output, k² taps
-      per_output, kind = rhs.shape[0] * rhs.shape[1], "conv"
+    elif _is_tap_conv(eqn):  # depthwise (k, k, C, M): k² taps per output; else HWIO
+      per_output = rhs.shape[0] * rhs.shape[1] * (
+          1 if eqn.params["name"] == "depthwise_conv" else rhs.shape[2])
+      kind = "conv"
     else:
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       per_output = math.prod(lhs.shape[d] for d in lhs_contract)
@@ -339,10 +341,11 @@ class _Walker:
         self.binary_param_ids.update(own_params(operand, aval))
 
 
-def _is_depthwise_conv(eqn) -> bool:
-  """Whether ``eqn`` is a call of bnn_jax.layers.cpu_kernels.depthwise_conv (shifted taps, no
-  convolution primitive: counted as the depthwise convolution it computes)."""
-  return eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "depthwise_conv"
+def _is_tap_conv(eqn) -> bool:
+  """Whether ``eqn`` calls bnn_jax.layers.cpu_kernels' depthwise_conv or small_input_conv
+  (shifted taps, no convolution primitive: counted as the convolution each computes)."""
+  return eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") in (
+      "depthwise_conv", "small_input_conv")
 
 
 def analyze(apply_fn: Callable, variables: Any, input_shape: Sequence[int],

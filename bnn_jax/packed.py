@@ -285,7 +285,10 @@ def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args,
   """What ``module``'s replaced method returns, computed on ``layer``'s bits (ungrouped layers on
   ``backend``; grouped, depthwise and expert convolutions on the pure-JAX path)."""
   x = args[0]
-  binary_x = binarize.get(_quantizers(module)[0])(x)
+  binarizer = binarize.get(_quantizers(module)[0])
+  # pack(x) has sign(x)'s bits: the native pack then reads x itself, not a written-out copy of
+  # its ±1 (what XLA, which cannot fuse into a custom call, would do).
+  binary_x = x if binarizer.sign_forward else binarizer(x)
   if isinstance(module, ExpertBinaryConv):
     return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
                               module.kernel_size, module.strides).astype(module.dtype)

@@ -138,3 +138,12 @@ def test_scaled_ste_sign_output_and_gradient():
 def test_unknown_binarizer_names_the_valid_ones():
   with pytest.raises(ValueError, match="unknown binarizer 'sgn'.*approx_sign"):
     binarize.get("sgn")
+
+
+def test_sign_forward_binarizers_output_exactly_sign():
+  """Bit-packing packs the input itself for these: their forward must be sign(x), ties included."""
+  flagged = sorted(n for n, b in binarize.REGISTRY.items() if b.sign_forward)
+  assert {"ste_sign", "approx_sign", "swish_sign", "ede_sign"} <= set(flagged)
+  x = jnp.concatenate([jax.random.normal(jax.random.key(0), (1000,)), jnp.array([0.0, -0.0])])
+  for name in flagged:
+    np.testing.assert_array_equal(binarize.get(name)(x), binarize.sign(x), err_msg=name)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from bnn_jax import binarize
 from bnn_jax.binarize import BinarizerSpec
 from bnn_jax.errors import ConfigError
-from bnn_jax.layers.cpu_kernels import depthwise_conv, plain_conv
+from bnn_jax.layers.cpu_kernels import (depthwise_conv, plain_conv, small_input_conv,
+                                        takes_small_input_conv)
 
 Dtype = Any
 PADDINGS = ("same", "valid")
@@ -81,7 +82,8 @@ class QuantConv(nn.Module):
     if self.pad_values != 0 and any(any(p) for p in pads):
       x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=self.pad_values)
       pads = ((0, 0), (0, 0))
-    conv = depthwise_conv if self.depthwise else plain_conv  # (kh, kw, C, M) | HWIO kernel
+    conv = (depthwise_conv if self.depthwise  # (kh, kw, C, M) | HWIO kernel
+            else small_input_conv if takes_small_input_conv(kernel.shape) else plain_conv)
     y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pads,
              dilation=self.dilation).astype(self.dtype)
     if self.use_bias:
