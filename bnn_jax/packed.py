@@ -154,20 +154,32 @@ def packed_conv(activation_bits: jax.Array, weight_bits: jax.Array, channels: in
   return dots
 
 
-def packed_grouped_conv(binary_x: jax.Array, weight_bits: jax.Array, **geometry) -> jax.Array:
-  """A grouped ±1 convolution (a depthwise one: one input channel per group), each group on
-  :func:`packed_conv`.
+def packed_grouped_conv(binary_x: jax.Array, weight_bits: jax.Array, backend: str = "jax",
+                        **geometry) -> jax.Array:
+  """A grouped ±1 convolution (a depthwise one: one input channel per group): natively one call
+  over every group, on the pure-JAX path each group on :func:`packed_conv`.
 
   Args:
-    binary_x: ±1, NHWC; its channels split evenly into the groups.
+    binary_x: ±1 (or any values whose signs are meant), NHWC; its channels split evenly into
+      the groups.
     weight_bits: (groups, k·k, words, O/groups) (:func:`packed_grouped_weights`).
+    backend: one of :data:`BACKENDS`.
     geometry: :func:`packed_conv`'s kernel_size, strides, pads, pad_value, dilation.
   Returns:
     int32 (N, H', W', O): group j's outputs are channels j·O/groups onwards.
   """
   batch, height, width, channels = binary_x.shape
   groups = weight_bits.shape[0]
-  activations = pack(binary_x.reshape(batch, height, width, groups, channels // groups))
+  activations = pack(binary_x.reshape(batch, height, width, groups, channels // groups), backend)
+  if native(backend):
+    k, strides, dilation = geometry["kernel_size"], geometry.get("strides", 1), geometry.get(
+        "dilation", 1)
+    pads = geometry.get("pads", NO_PADS)
+    out_shape = output_shape((height, width), k, strides, pads, dilation)
+    return kernels.xnor_conv(activations.reshape(batch, height, width, -1),
+                             weight_bits.reshape(-1, weight_bits.shape[-1]), channels // groups,
+                             k, strides, dilation, pads, geometry.get("pad_value", 0.0),
+                             out_shape, groups)
   one = functools.partial(packed_conv, channels=channels // groups, **geometry)
   dots = jax.vmap(one, in_axes=(3, 0), out_axes=3)(activations, weight_bits)  # (N, H', W', g, O/g)
   return dots.reshape(dots.shape[:3] + (-1,))
@@ -195,12 +207,12 @@ def packed_grouped_weights(binary_kernel: jax.Array, groups: int):
 
 
 def packed_expert_conv(binary_x: jax.Array, choice: jax.Array, layer: Dict[str, jax.Array],
-                       kernel_size: int, strides: int) -> jax.Array:
+                       kernel_size: int, strides: int, backend: str = "jax") -> jax.Array:
   """Sample b of ``binary_x`` (±1, NHWC) convolved on bits with expert ``choice[b]``'s packed
   grouped kernel; float32 ``scale · dot`` (``layer``: bits (E, groups, k·k, words, O/groups),
   scale (E, O), :func:`packed_grouped_weights` of every expert)."""
   def one(x, bits):
-    return packed_grouped_conv(x[None], bits, kernel_size=kernel_size, strides=strides,
+    return packed_grouped_conv(x[None], bits, backend, kernel_size=kernel_size, strides=strides,
                                pads=symmetric(kernel_size // 2))[0]
   dots = jax.vmap(one)(binary_x, layer["bits"][choice])
   return dots.astype(jnp.float32) * layer["scale"][choice][:, None, None, :]
@@ -282,8 +294,7 @@ def _packed_layer(module: nn.Module) -> Dict[str, jax.Array]:
 
 def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args,
                     backend: str) -> jax.Array:
-  """What ``module``'s replaced method returns, computed on ``layer``'s bits (ungrouped layers on
-  ``backend``; grouped, depthwise and expert convolutions on the pure-JAX path)."""
+  """What ``module``'s replaced method returns, computed on ``layer``'s bits on ``backend``."""
   x = args[0]
   binarizer = binarize.get(_quantizers(module)[0])
   # pack(x) has sign(x)'s bits: the native pack then reads x itself, not a written-out copy of
@@ -291,7 +302,7 @@ def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args,
   binary_x = x if binarizer.sign_forward else binarizer(x)
   if isinstance(module, ExpertBinaryConv):
     return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
-                              module.kernel_size, module.strides).astype(module.dtype)
+                              module.kernel_size, module.strides, backend).astype(module.dtype)
   if isinstance(module, QuantDense):  # a 1×1 convolution of one pixel
     dots = packed_conv(pack(binary_x, backend).reshape(-1, 1, 1, layer["bits"].shape[1]),
                        layer["bits"], x.shape[-1], 1, backend=backend).reshape(x.shape[:-1] + (-1,))
@@ -299,7 +310,7 @@ def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args,
     k, strides, dilation = module.kernel_size, module.strides, module.dilation
     geometry = dict(kernel_size=k, strides=strides, dilation=dilation, pad_value=module.pad_values,
                     pads=spatial_padding(x.shape, module.padding, k, strides, dilation))
-    dots = (packed_grouped_conv(binary_x, layer["bits"], **geometry) if module.depthwise
+    dots = (packed_grouped_conv(binary_x, layer["bits"], backend, **geometry) if module.depthwise
             else packed_conv(pack(binary_x, backend), layer["bits"], x.shape[-1], **geometry,
                              backend=backend))
   else:

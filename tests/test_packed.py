@@ -85,6 +85,28 @@ def test_packed_dot_products_equal_the_float_convolution_as_integers(channels, k
   np.testing.assert_array_equal(np.asarray(dots), np.asarray(expected).astype(np.int32))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups, channels, outputs, strides, pads, pad_value", [
+    (4, 40, 24, 1, packed.symmetric(1), 0.0), (2, 70, 6, 2, SAME_10X11_STRIDE_2, 1.0),
+    (8, 8, 16, 1, packed.symmetric(1), -1.0)])
+def test_grouped_dot_products_equal_the_float_convolution_as_integers(groups, channels, outputs,
+                                                                      strides, pads, pad_value,
+                                                                      backend):
+  keys = jax.random.split(jax.random.key(groups), 2)
+  a = sign(jax.random.normal(keys[0], (2, 10, 11, channels)))
+  w = sign(jax.random.normal(keys[1], (3, 3, channels // groups, outputs)))
+  padded = jnp.pad(a, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+  expected = jax.lax.conv_general_dilated(padded, w, (strides, strides), "VALID",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          feature_group_count=groups)
+  bits, _ = packed.packed_grouped_weights(w, groups)
+  dots = jax.jit(packed.packed_grouped_conv, static_argnums=2, static_argnames=(
+      "kernel_size", "strides", "pads", "pad_value"))(a, bits, backend, kernel_size=3,
+                                                      strides=strides, pads=pads,
+                                                      pad_value=pad_value)
+  np.testing.assert_array_equal(np.asarray(dots), np.asarray(expected).astype(np.int32))
+
+
 class OneLayer(nn.Module):
   """A single layer as a model (what packed_model takes: ``apply(variables, x, train=False)``)."""
   layer: nn.Module

@@ -88,24 +88,29 @@ def available() -> bool:
 
 
 def xnor_conv(bits: jax.Array, weight_rows: jax.Array, channels: int, kernel_size: int,
-              strides: int, dilation: int, pads, pad_value: float, out_shape) -> jax.Array:
+              strides: int, dilation: int, pads, pad_value: float, out_shape,
+              groups: int = 1) -> jax.Array:
   """The native XNOR-popcount convolution (call only where :func:`available`).
 
   Args:
-    bits: (N, H, W, words) uint32, the packed activations (unpadded).
-    weight_rows: (k·k·words, O) uint32, tap-major packed weights.
-    channels: input channels before packing (K = k·k·channels).
+    bits: (N, H, W, groups·words) uint32, the packed activations (unpadded), each group's
+      channels packed in its own words.
+    weight_rows: (groups·k·k·words, O / groups) uint32: by group, tap-major packed weights.
+    channels: input channels of one group before packing (K = k·k·channels).
     kernel_size, strides, dilation: the convolution's.
     pads: ((top, bottom), (left, right)); pad_value: 0 (a tap in the padding adds nothing, as
       in a zero-padded float convolution), 1 or −1.
     out_shape: (H', W').
+    groups: the convolution's groups (a depthwise one: one per input channel).
   Returns:
-    int32 (N, H', W', O): the exact ±1 dot products.
+    int32 (N, H', W', O): the exact ±1 dot products, group j's outputs from j·O / groups.
   """
-  out = jax.ShapeDtypeStruct((bits.shape[0], *out_shape, weight_rows.shape[1]), jnp.int32)
+  out = jax.ShapeDtypeStruct((bits.shape[0], *out_shape, groups * weight_rows.shape[1]),
+                             jnp.int32)
   call = jax.ffi.ffi_call("bnn_jax_xnor_conv", out, vmap_method="sequential")
   return call(bits, weight_rows, kernel=kernel_size, stride=strides, dilation=dilation,
-              channels=channels, pad_top=pads[0][0], pad_left=pads[1][0], pad_value=int(pad_value))
+              channels=channels, pad_top=pads[0][0], pad_left=pads[1][0], pad_value=int(pad_value),
+              groups=groups)
 
 
 def pack_signs(x: jax.Array) -> jax.Array:

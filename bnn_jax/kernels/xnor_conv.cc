@@ -6,9 +6,10 @@
 // tile is 4 pixels x 64 output channels in 16 registers, one 512-bit XOR + VPOPCNTD + ADD per
 // 16 channels x 32 input bits; elsewhere a scalar loop, which the compiler vectorises as it can.
 //
-// XnorConv: activations (N, H, W, words) uint32 (bit 1 = +1, the last word's unused bits 0),
-// weights (taps * words, O) uint32, tap-major (row-major kernel positions), then words. Output
-// int32 (N, H', W', O): the exact ±1 dot products. The padding is the kernel's: a tap outside the
+// XnorConv: activations (N, H, W, groups * words) uint32 (bit 1 = +1, each group's channels in
+// its own words, the last word's unused bits 0), weights (groups * taps * words, O / groups)
+// uint32, by group, tap-major (row-major kernel positions), then words. Output int32
+// (N, H', W', O), group j's outputs from j * O / groups: the exact ±1 dot products. The padding is the kernel's: a tap outside the
 // input reads +1 or -1 (pad_value ±1), or adds nothing (pad_value 0, as a zero-padded float conv).
 //
 // PackSigns: float32 (..., C) -> uint32 (..., words), bit i of word j set where x[32j + i] >= 0.
@@ -60,11 +61,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
   shared->finished.wait(lock, [&] { return shared->done.load() == shared->chunks; });
 }
 
+// One group's convolution (groups == 1: the whole one): `words`, `outputs` and `channels` are the
+// group's, `in` points at its first word; a pixel holds `pixel_words` words of all groups and an
+// output pixel `out_stride` outputs.
 struct Geometry {
   int64_t batch, in_h, in_w, words, out_h, out_w, outputs, kernel, stride, dilation, channels;
-  int64_t pad_top, pad_left, pad_value;
+  int64_t pad_top, pad_left, pad_value, pixel_words, out_stride;
   const uint32_t* in;
-  std::vector<uint32_t> pad_word;  // one tap of the padding's bits (pad_value ±1)
+  const uint32_t* pad_word;  // one tap of the padding's bits (pad_value ±1)
 
   int64_t taps() const { return kernel * kernel; }
   int64_t pixels() const { return batch * out_h * out_w; }
@@ -78,7 +82,7 @@ struct Window {
 
   Window() = default;
   Window(const Geometry& g, int64_t n, int64_t y, int64_t x)
-      : image(g.in + n * g.in_h * g.in_w * g.words),
+      : image(g.in + n * g.in_h * g.in_w * g.pixel_words),
         top(y * g.stride - g.pad_top),
         left(x * g.stride - g.pad_left),
         inside(Inside(top, g.in_h, g) * Inside(left, g.in_w, g)) {}
@@ -86,7 +90,7 @@ struct Window {
   const uint32_t* Tap(const Geometry& g, int64_t i, int64_t j) const {
     const int64_t y = top + i * g.dilation, x = left + j * g.dilation;
     if (y < 0 || y >= g.in_h || x < 0 || x >= g.in_w) return nullptr;
-    return image + (y * g.in_w + x) * g.words;
+    return image + (y * g.in_w + x) * g.pixel_words;
   }
   // K: every tap's channels, or (zero padding) those of the taps inside.
   int32_t Depth(const Geometry& g) const {
@@ -147,14 +151,14 @@ inline void Accumulate(__m512i (&acc)[P][V], const uint32_t* const (&source)[P],
 // One tile: P pixels x V registers of output channels from `first`; `last_mask` masks the last
 // register's channels (O need not be a multiple of 16). Where every window lies inside the input
 // (and the kernel is not dilated) a kernel row's taps are consecutive words in the input and in
-// the weights: one run of kernel * words each, not kernel runs of words.
+// the weights: one run of kernel * words each, not kernel runs of words (one group only).
 template <int P, int V>
 void Tile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int64_t first,
           const Window* windows, __mmask16 last_mask) {
   __m512i acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_si512();
-  bool interior = g.dilation == 1;
+  bool interior = g.dilation == 1 && g.pixel_words == g.words;
   for (int p = 0; p < P; ++p) interior = interior && windows[p].inside == g.taps();
   const uint32_t* source[P];
   __mmask16 counted[P];
@@ -170,7 +174,7 @@ void Tile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int
       for (int p = 0; p < P; ++p) {
         source[p] = windows[p].Tap(g, i, j);
         counted[p] = source[p] != nullptr || g.pad_value != 0 ? 0xFFFF : 0;
-        if (source[p] == nullptr) source[p] = g.pad_word.data();
+        if (source[p] == nullptr) source[p] = g.pad_word;
       }
       Accumulate<P, V>(acc, source, counted, rows, g.words, g.outputs, last_mask);
     }
@@ -178,7 +182,7 @@ void Tile(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, int
   for (int p = 0; p < P; ++p) {
     const __m512i depth = _mm512_set1_epi32(windows[p].Depth(g));
     for (int v = 0; v < V; ++v)
-      _mm512_mask_storeu_epi32(out + (pixel + p) * g.outputs + first + v * kLanes,
+      _mm512_mask_storeu_epi32(out + (pixel + p) * g.out_stride + first + v * kLanes,
                                v == V - 1 ? last_mask : 0xFFFF,
                                _mm512_sub_epi32(depth, _mm512_slli_epi32(acc[p][v], 1)));
   }
@@ -239,14 +243,14 @@ void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, in
       for (int64_t j = 0; j < g.kernel; ++j) {
         const uint32_t* source = window.Tap(g, i, j);
         if (source == nullptr && g.pad_value == 0) continue;
-        if (source == nullptr) source = g.pad_word.data();
+        if (source == nullptr) source = g.pad_word;
         const uint32_t* rows = w + (i * g.kernel + j) * g.words * g.outputs;
         for (int64_t word = 0; word < g.words; ++word, rows += g.outputs)
           for (int64_t o = first; o < last; ++o)
             acc[o - first] += __builtin_popcount(source[word] ^ rows[o]);
       }
     for (int64_t o = first; o < last; ++o)
-      out[pixel * g.outputs + o] = window.Depth(g) - 2 * acc[o - first];
+      out[pixel * g.out_stride + o] = window.Depth(g) - 2 * acc[o - first];
   }
 }
 
@@ -260,34 +264,43 @@ uint32_t SignBits(const float* x, int valid) {
 ffi::Error XnorConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> input,
                         ffi::Buffer<ffi::U32> weights, ffi::ResultBuffer<ffi::S32> output,
                         int64_t kernel, int64_t stride, int64_t dilation, int64_t channels,
-                        int64_t pad_top, int64_t pad_left, int64_t pad_value) {
+                        int64_t pad_top, int64_t pad_left, int64_t pad_value, int64_t groups) {
   const auto in_dims = input.dimensions(), out_dims = output->dimensions();
   if (in_dims.size() != 4 || out_dims.size() != 4 || weights.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("xnor_conv: activations and output NHWC, weights 2-D");
-  Geometry g{in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1], out_dims[2],
-             out_dims[3], kernel, stride, dilation, channels, pad_top, pad_left, pad_value,
-             input.typed_data(), {}};
-  if (weights.dimensions()[0] != g.taps() * g.words || weights.dimensions()[1] != g.outputs)
-    return ffi::Error::InvalidArgument("xnor_conv: weights are not (taps * words, O)");
-  if ((g.words - 1) * 32 >= channels || g.words * 32 < channels)
+  if (groups < 1 || in_dims[3] % groups || out_dims[3] % groups)
+    return ffi::Error::InvalidArgument("xnor_conv: words and outputs split into the groups");
+  const int64_t words = in_dims[3] / groups, outputs = out_dims[3] / groups;
+  const Geometry all{in_dims[0], in_dims[1], in_dims[2], words, out_dims[1], out_dims[2], outputs,
+                     kernel, stride, dilation, channels, pad_top, pad_left, pad_value,
+                     in_dims[3], out_dims[3], input.typed_data(), nullptr};
+  const int64_t group_rows = all.taps() * words;  // weight rows of one group
+  if (weights.dimensions()[0] != groups * group_rows || weights.dimensions()[1] != outputs)
+    return ffi::Error::InvalidArgument("xnor_conv: weights are not (groups * taps * words, O)");
+  if ((words - 1) * 32 >= channels || words * 32 < channels)
     return ffi::Error::InvalidArgument("xnor_conv: words do not hold the channels");
-  for (int64_t word = 0; word < g.words; ++word) {  // +1: the channels' bits set; -1: none
+  std::vector<uint32_t> pad_word;  // +1: the channels' bits set; -1: none
+  for (int64_t word = 0; word < words; ++word) {
     const int64_t bits = std::min<int64_t>(32, channels - 32 * word);
-    g.pad_word.push_back(pad_value == 1 ? static_cast<uint32_t>((uint64_t{1} << bits) - 1) : 0);
+    pad_word.push_back(pad_value == 1 ? static_cast<uint32_t>((uint64_t{1} << bits) - 1) : 0);
   }
   const uint32_t* w = weights.typed_data();
   int32_t* out = output->typed_data();
-  const int64_t tiles = (g.outputs + kChannelsPerTile - 1) / kChannelsPerTile;
+  const int64_t tiles = (outputs + kChannelsPerTile - 1) / kChannelsPerTile;
   // About 8 chunks per thread, each of at least 16 pixels, in whole register tiles of pixels.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per_tile = std::max<int64_t>(1, (8 * threads + tiles - 1) / tiles);
-  int64_t pixels = std::max<int64_t>(16, (g.pixels() + per_tile - 1) / per_tile);
+  const int64_t per_tile = std::max<int64_t>(1, (8 * threads + groups * tiles - 1) / (groups * tiles));
+  int64_t pixels = std::max<int64_t>(16, (all.pixels() + per_tile - 1) / per_tile);
   pixels = (pixels + kPixels - 1) / kPixels * kPixels;
-  const int64_t chunks_per_tile = (g.pixels() + pixels - 1) / pixels;
-  ParallelFor(pool, tiles * chunks_per_tile, [&](int64_t chunk) {
-    const int64_t start = chunk % chunks_per_tile * pixels;
-    Block(g, w, out, start, std::min(g.pixels(), start + pixels),
-          chunk / chunks_per_tile * kChannelsPerTile);
+  const int64_t chunks_per_tile = (all.pixels() + pixels - 1) / pixels;
+  ParallelFor(pool, groups * tiles * chunks_per_tile, [&](int64_t chunk) {
+    const int64_t start = chunk % chunks_per_tile * pixels, tile = chunk / chunks_per_tile;
+    const int64_t group = tile / tiles;
+    Geometry g = all;
+    g.in += group * words;
+    g.pad_word = pad_word.data();
+    Block(g, w + group * group_rows * outputs, out + group * outputs, start,
+          std::min(g.pixels(), start + pixels), tile % tiles * kChannelsPerTile);
   });
   return ffi::Error::Success();
 }
@@ -327,7 +340,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XnorConv, XnorConvImpl,
                                   .Attr<int64_t>("channels")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_value"));
+                                  .Attr<int64_t>("pad_value")
+                                  .Attr<int64_t>("groups"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PackSigns, PackSignsImpl,
                               ffi::Ffi::Bind()
