@@ -155,6 +155,18 @@ def test_every_recipe_builds_and_takes_one_step(recipe):
       {"lr", "ede_k", "ede_t"} if config.ede.enabled else {"lr"})
 
 
+@pytest.mark.parametrize("method, widths", [("quicknet", dict(section_filters=(16, 32, 64, 128))),
+                                            ("densenet28", dict(initial_filters=16, growth_rate=16))])
+def test_cifar10_short_larq_zoo_rows_keep_the_protocol(method, widths):
+  config, protocol = load_config(f"cifar10_short:{method}"), load_config("cifar10_short:birealnet_r18")
+  assert config.model.backbone == load_config(f"larq_zoo:{method}").model.backbone
+  assert config.model.cifar_stem and config.model.num_classes == 10
+  assert config.model.bn_group_size is None  # one group: the whole batch of 256
+  assert {field: config.model[field] for field in widths} == widths
+  for section in ("dataset", "optimizer", "schedule", "ede", "loss", "teacher", "train"):
+    assert config[section].to_dict() == protocol[section].to_dict(), section
+
+
 @pytest.mark.parametrize("recipe", ["irnet_r18", "reactnet_a_step1", "real_to_binary_step2",
                                     "real_to_binary_step1"])
 def test_cifar10_variants_keep_every_duration_as_a_fraction_of_the_run(recipe):
