@@ -58,24 +58,28 @@ def symmetric(padding: int) -> Pads:
   return (padding, padding), (padding, padding)
 
 
-def pack(x: jax.Array, backend: str = "jax") -> jax.Array:
-  """Packs signs along the last axis.
+def pack(x: jax.Array) -> jax.Array:
+  """Packs signs along the last axis (in XLA on every backend: it fuses with the layer that
+  produced ``x``, which the native kernel's input could not).
 
   Args:
-    x: any shape (..., C); x >= 0 is bit 1 (+1), as sign(0) = +1.
-    backend: one of :data:`BACKENDS`.
+    x: any shape (..., C); x >= 0 is bit 1 (+1), as sign(0) = +1 (NaN is −1).
   Returns:
     uint32 (..., ceil(C / 32)): bit i of word j is element 32·j + i; the last word's unused
     bits are 0.
   """
-  if native(backend):
-    return kernels.pack_signs(x)
+  # Eight channels to a byte, four bytes (the first the lowest) to a word:
+  # XLA:CPU vectorises the 8-wide uint8 sum 64 lanes at a time, 2-3x faster than one 32-wide
+  # uint32 sum (56² × 64 at batch 1: 0.06 vs 0.15 ms, one core), and fuses it with the layer
+  # that produced x.
   channels = x.shape[-1]
   words = -(-channels // WORD_BITS)
-  bits = (x >= 0).astype(jnp.uint32)
+  bits = (x >= 0).astype(jnp.uint8)
   bits = jnp.pad(bits, [(0, 0)] * (x.ndim - 1) + [(0, words * WORD_BITS - channels)])
-  bits = bits.reshape(x.shape[:-1] + (words, WORD_BITS))
-  return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  bits = bits.reshape(x.shape[:-1] + (words, WORD_BITS // 8, 8))
+  octets = jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+  shifts = 8 * jnp.arange(WORD_BITS // 8, dtype=jnp.uint32)  # (a bitcast has no symbolic batch)
+  return jnp.sum(octets.astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32)
 
 
 def output_shape(in_shape, kernel_size: int, strides: int, pads: Pads, dilation: int):
@@ -170,7 +174,7 @@ def packed_grouped_conv(binary_x: jax.Array, weight_bits: jax.Array, backend: st
   """
   batch, height, width, channels = binary_x.shape
   groups = weight_bits.shape[0]
-  activations = pack(binary_x.reshape(batch, height, width, groups, channels // groups), backend)
+  activations = pack(binary_x.reshape(batch, height, width, groups, channels // groups))
   if native(backend):
     k, strides, dilation = geometry["kernel_size"], geometry.get("strides", 1), geometry.get(
         "dilation", 1)
@@ -297,24 +301,23 @@ def _packed_forward(module: nn.Module, layer: Dict[str, jax.Array], args,
   """What ``module``'s replaced method returns, computed on ``layer``'s bits on ``backend``."""
   x = args[0]
   binarizer = binarize.get(_quantizers(module)[0])
-  # pack(x) has sign(x)'s bits: the native pack then reads x itself, not a written-out copy of
-  # its ±1 (what XLA, which cannot fuse into a custom call, would do).
+  # pack(x) has sign(x)'s bits: the pack reads x itself.
   binary_x = x if binarizer.sign_forward else binarizer(x)
   if isinstance(module, ExpertBinaryConv):
     return packed_expert_conv(binary_x, chosen_experts(args[1], x.shape[0]), layer,
                               module.kernel_size, module.strides, backend).astype(module.dtype)
   if isinstance(module, QuantDense):  # a 1×1 convolution of one pixel
-    dots = packed_conv(pack(binary_x, backend).reshape(-1, 1, 1, layer["bits"].shape[1]),
+    dots = packed_conv(pack(binary_x).reshape(-1, 1, 1, layer["bits"].shape[1]),
                        layer["bits"], x.shape[-1], 1, backend=backend).reshape(x.shape[:-1] + (-1,))
   elif isinstance(module, QuantConv):
     k, strides, dilation = module.kernel_size, module.strides, module.dilation
     geometry = dict(kernel_size=k, strides=strides, dilation=dilation, pad_value=module.pad_values,
                     pads=spatial_padding(x.shape, module.padding, k, strides, dilation))
     dots = (packed_grouped_conv(binary_x, layer["bits"], backend, **geometry) if module.depthwise
-            else packed_conv(pack(binary_x, backend), layer["bits"], x.shape[-1], **geometry,
+            else packed_conv(pack(binary_x), layer["bits"], x.shape[-1], **geometry,
                              backend=backend))
   else:
-    dots = packed_conv(pack(binary_x, backend), layer["bits"], x.shape[-1], module.kernel_size,
+    dots = packed_conv(pack(binary_x), layer["bits"], x.shape[-1], module.kernel_size,
                        module.strides, symmetric(module.pad_width), backend=backend)
   y = (dots.astype(jnp.float32) * layer["scale"]).astype(module.dtype)
   if getattr(module, "use_bias", False):

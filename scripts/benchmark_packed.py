@@ -18,7 +18,8 @@ thread (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``). 
 adds, per model, where the packed model's time goes at batch 1 on one core (XLA's trace,
 bnn_jax.op_profile): each binary convolution's time next to its popcount bound (binary MACs / 512
 per cycle, one 512-bit XOR + VPOPCNT + ADD per cycle at the clock of ``--ghz``, default
-/proc/cpuinfo's), its packing, and the rest by kind. ``--lce-python`` times Larq Compute
+/proc/cpuinfo's), the packing of its input and scaling of its output (with whatever XLA fused into
+them), and the rest by kind. ``--lce-python`` times Larq Compute
 Engine's flatbuffers (``--lce-dir``) of the same Larq Zoo models with that interpreter (a
 virtualenv with larq-compute-engine; its best x86 configuration: indirect BGEMM + XNNPACK) in the
 same run.
@@ -131,7 +132,7 @@ def time_shape(size, channels, features, kernel, strides, batch, repeats):
   seconds = {"float": median_seconds(float_conv, activations, weights, repeats=repeats)}
   for backend in packed_backends():
     conv = jax.jit(lambda x, b, backend=backend: packed.packed_conv(
-        packed.pack(x, backend), b, channels, kernel, strides, pads, backend=backend))
+        packed.pack(x), b, channels, kernel, strides, pads, backend=backend))
     np.testing.assert_array_equal(np.asarray(conv(activations, bits)), expected)
     seconds[backend] = median_seconds(conv, activations, bits, repeats=repeats)
   return seconds
@@ -185,15 +186,16 @@ def layer_table(model, variables, images, weights, ghz):
   order = {layer.name: index for index, layer in enumerate(walked)}
   layers = {name: {"layer": name, "macs": macs.get(name, 0), "conv_ms": 0.0, "pack_ms": 0.0}
             for name in sorted(weights, key=lambda name: order.get(name, len(order)))}
-  kinds = {"binary convolutions": 0.0, "packing": 0.0, "real convolutions and dense": 0.0,
+  kinds = {"binary convolutions": 0.0, "packing and scaling": 0.0,
+           "real convolutions and dense": 0.0,
            "pooling": 0.0, "the rest (BatchNorm, activations, adds, shortcuts)": 0.0}
   for op in ops:
     ms = op.seconds * 1e3
     layer = layers.get(op.module)
-    packing = op.target == "bnn_jax_pack_signs" or (layer is not None and "pack" in op.primitive)
-    if layer is not None:
-      layer["pack_ms" if packing else "conv_ms"] += ms
-      kinds["packing" if packing else "binary convolutions"] += ms
+    if layer is not None:  # the kernel; the rest: packing its input, scaling its output
+      convolving = op.target == "bnn_jax_xnor_conv" or not packed.native("auto")
+      layer["conv_ms" if convolving else "pack_ms"] += ms
+      kinds["binary convolutions" if convolving else "packing and scaling"] += ms
     elif op.primitive in ("conv_general_dilated", "dot_general") or "depthwise_conv" in op.module:
       kinds["real convolutions and dense"] += ms
     elif "pool" in op.module or "reduce_window" in op.primitive:
@@ -251,12 +253,12 @@ def lce_ms(args, spec, threads):
 def print_layers(name, result, ghz):
   print(f"  {name}, batch 1, one core: where the packed model's time goes (XLA's trace)")
   print(f"    {'binary layer':44s} {'binary MACs':>13s} {'conv ms':>8s} {'bound ms':>9s} "
-        f"{'of bound':>8s} {'pack ms':>8s}")
+        f"{'of bound':>8s} {'pack+scale ms':>13s}")
   for layer in result["layers"]:
     bound = f"{layer['bound_ms']:9.3f}" if layer["bound_ms"] else f"{'?':>9s}"
     share = f"{layer['of_bound']:8.0%}" if layer["of_bound"] else f"{'?':>8s}"
     print(f"    {layer['layer'][:44]:44s} {layer['macs']:13,d} {layer['conv_ms']:8.3f} {bound} "
-          f"{share} {layer['pack_ms']:8.3f}")
+          f"{share} {layer['pack_ms']:13.3f}")
   conv = sum(layer["conv_ms"] for layer in result["layers"])
   bound = sum(layer["bound_ms"] or 0 for layer in result["layers"])
   if ghz and conv:

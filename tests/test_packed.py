@@ -47,13 +47,14 @@ def test_pack_puts_element_i_in_bit_i_and_zero_counts_as_plus_one():
   assert words[0, 1] == (1 << 0) | (1 << 7)  # channels 32 and 39; bits 8..31 unused, 0
 
 
-@pytest.mark.skipif(not kernels.available(), reason="no native kernel here")
 @pytest.mark.parametrize("channels", [1, 31, 32, 40, 64, 100])
-def test_native_pack_equals_the_pure_jax_pack_bit_for_bit(channels):
+def test_pack_equals_the_bit_by_bit_definition(channels):
   x = np.array(jax.random.normal(jax.random.key(channels), (3, 5, channels)))
   x.flat[:4] = [0.0, -0.0, np.nan, -np.inf]  # x >= 0 is +1: zeros are, NaN is not
-  expected = packed.pack(jnp.asarray(x))
-  np.testing.assert_array_equal(jax.jit(packed.pack, static_argnums=1)(x, "native"), expected)
+  words = np.zeros((3, 5, -(-channels // 32)), np.uint32)
+  for c in range(channels):
+    words[..., c // 32] |= (x[..., c] >= 0).astype(np.uint32) << np.uint32(c % 32)
+  np.testing.assert_array_equal(jax.jit(packed.pack)(x), words)
 
 
 SAME_10X11_STRIDE_2 = ((0, 1), (1, 1))  # TensorFlow's "same", stride 2, 10×11: rows pad after only
@@ -283,5 +284,4 @@ def test_op_profile_attributes_each_op_to_its_module_and_custom_call():
   assert ops == sorted(ops, key=lambda op: -op.seconds)
   assert {op.module for op in ops} >= {"layer"}
   if packed.native("auto"):
-    assert {op.target for op in ops if op.module == "layer"} >= {"bnn_jax_xnor_conv",
-                                                                 "bnn_jax_pack_signs"}
+    assert "bnn_jax_xnor_conv" in {op.target for op in ops if op.module == "layer"}

@@ -1,7 +1,7 @@
 """Hand-written CPU kernels through ``jax.ffi``, built on first use with the machine's compiler.
 
 XLA cannot hold a tile of XNOR-popcount accumulators in registers, so bit-packed inference calls
-``xnor_conv.cc`` on the CPU (its convolution and its sign packing). It is compiled once per machine (``-march=native``: AVX-512 VPOPCNTDQ
+``xnor_conv.cc``'s convolution on the CPU. It is compiled once per machine (``-march=native``: AVX-512 VPOPCNTDQ
 where the CPU has it) into ``$BNN_JAX_CACHE`` (default ``~/.cache/bnn_jax``)/kernels and loaded
 with ctypes. Without a C++ compiler, or with ``BNN_JAX_NATIVE=0``, :func:`available` is False and
 bnn_jax.packed runs its pure-JAX path, which computes the same integers.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xnor_conv.cc")
-TARGETS = {"bnn_jax_xnor_conv": "XnorConv", "bnn_jax_pack_signs": "PackSigns"}
+TARGETS = {"bnn_jax_xnor_conv": "XnorConv"}  # FFI target -> the library's handler symbol
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,3 @@ def xnor_conv(bits: jax.Array, weight_rows: jax.Array, channels: int, kernel_siz
   return call(bits, weight_rows, kernel=kernel_size, stride=strides, dilation=dilation,
               channels=channels, pad_top=pads[0][0], pad_left=pads[1][0], pad_value=int(pad_value),
               groups=groups)
-
-
-def pack_signs(x: jax.Array) -> jax.Array:
-  """bnn_jax.packed.pack natively: float32 (..., C) -> uint32 (..., ceil(C / 32)), x >= 0 is 1."""
-  words = -(-x.shape[-1] // 32)
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (words,), jnp.uint32)
-  return jax.ffi.ffi_call("bnn_jax_pack_signs", out, vmap_method="sequential")(
-      x.astype(jnp.float32))

@@ -1,6 +1,6 @@
-// Bit-packed inference kernels for the CPU, as XLA FFI custom calls.
+// The bit-packed convolution for the CPU, as an XLA FFI custom call.
 //
-// The pure-JAX path (bnn_jax/packed.py) computes the same integers; these exist because XLA
+// The pure-JAX path (bnn_jax/packed.py) computes the same integers; this exists because XLA
 // cannot keep a tile of XNOR-popcount accumulators in registers. Built by
 // bnn_jax/kernels/__init__.py with the machine's g++ and -march=native: with AVX-512 VPOPCNTDQ a
 // tile is 4 pixels x 64 output channels in 16 registers, one 512-bit XOR + VPOPCNTD + ADD per
@@ -9,10 +9,9 @@
 // XnorConv: activations (N, H, W, groups * words) uint32 (bit 1 = +1, each group's channels in
 // its own words, the last word's unused bits 0), weights (groups * taps * words, O / groups)
 // uint32, by group, tap-major (row-major kernel positions), then words. Output int32
-// (N, H', W', O), group j's outputs from j * O / groups: the exact ±1 dot products. The padding is the kernel's: a tap outside the
-// input reads +1 or -1 (pad_value ±1), or adds nothing (pad_value 0, as a zero-padded float conv).
-//
-// PackSigns: float32 (..., C) -> uint32 (..., words), bit i of word j set where x[32j + i] >= 0.
+// (N, H', W', O), group j's outputs from j * O / groups: the exact ±1 dot products. The padding
+// is the kernel's: a tap outside the input reads +1 or -1 (pad_value ±1), or adds nothing
+// (pad_value 0, as a zero-padded float conv).
 
 #include <immintrin.h>
 
@@ -218,17 +217,6 @@ void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, in
   }
 }
 
-// Bits of 32 floats: x >= 0 (NaN is not), `valid` of them (the rest 0).
-uint32_t SignBits(const float* x, int valid) {
-  const __m512 zero = _mm512_setzero_ps();
-  const __mmask16 low = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-  const int high_valid = std::max(0, valid - 16);
-  const __mmask16 high = high_valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << high_valid) - 1);
-  const uint32_t a = _mm512_mask_cmp_ps_mask(low, _mm512_maskz_loadu_ps(low, x), zero, _CMP_GE_OQ);
-  const uint32_t b = _mm512_mask_cmp_ps_mask(high, _mm512_maskz_loadu_ps(high, x + 16), zero,
-                                             _CMP_GE_OQ);
-  return a | b << 16;
-}
 #else
 constexpr int64_t kChannelsPerTile = 64;
 
@@ -254,11 +242,6 @@ void Block(const Geometry& g, const uint32_t* w, int32_t* out, int64_t pixel, in
   }
 }
 
-uint32_t SignBits(const float* x, int valid) {
-  uint32_t bits = 0;
-  for (int i = 0; i < valid; ++i) bits |= static_cast<uint32_t>(x[i] >= 0.0f) << i;
-  return bits;
-}
 #endif
 
 ffi::Error XnorConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> input,
@@ -305,27 +288,6 @@ ffi::Error XnorConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> input,
   return ffi::Error::Success();
 }
 
-ffi::Error PackSignsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input,
-                         ffi::ResultBuffer<ffi::U32> output) {
-  const auto in_dims = input.dimensions(), out_dims = output->dimensions();
-  if (in_dims.size() == 0 || out_dims.size() != in_dims.size())
-    return ffi::Error::InvalidArgument("pack_signs: (..., C) -> (..., words)");
-  const int64_t channels = in_dims.back(), words = out_dims.back();
-  if (words != (channels + 31) / 32)
-    return ffi::Error::InvalidArgument("pack_signs: words != ceil(C / 32)");
-  const int64_t rows = channels == 0 ? 0 : input.element_count() / channels;
-  const float* x = input.typed_data();
-  uint32_t* bits = output->typed_data();
-  const int64_t per_chunk = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, channels));
-  ParallelFor(pool, (rows + per_chunk - 1) / per_chunk, [&](int64_t chunk) {
-    for (int64_t row = chunk * per_chunk; row < std::min(rows, (chunk + 1) * per_chunk); ++row)
-      for (int64_t word = 0; word < words; ++word)
-        bits[row * words + word] = SignBits(
-            x + row * channels + 32 * word, static_cast<int>(std::min<int64_t>(32, channels - 32 * word)));
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XnorConv, XnorConvImpl,
@@ -342,9 +304,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XnorConv, XnorConvImpl,
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("pad_value")
                                   .Attr<int64_t>("groups"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PackSigns, PackSignsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>());
