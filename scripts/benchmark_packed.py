@@ -181,6 +181,17 @@ def build(spec):
   return model, init_variables(model, (1, 224, 224, 3))
 
 
+def owner(module: str, layers) -> str:
+  """The binary layer an op's module path belongs to: the one whose path is a subsequence of it
+  (name scopes, such as a Larq Zoo block's, sit between a layer's module scopes); "" if none."""
+  parts = module.split("/")
+
+  def within(layer):
+    rest = iter(parts)
+    return all(part in rest for part in layer.split("/"))
+  return max((layer for layer in layers if within(layer)), key=len, default="")
+
+
 def layer_table(model, variables, images, weights, ghz):
   """Per binary layer: conv and packing times, binary MACs, popcount bound; the rest by kind."""
   classifier = packed.PackedClassifier(model, weights)
@@ -196,7 +207,7 @@ def layer_table(model, variables, images, weights, ghz):
            "pooling": 0.0, "the rest (BatchNorm, activations, adds, shortcuts)": 0.0}
   for op in ops:
     ms = op.seconds * 1e3
-    layer = layers.get(op.module)
+    layer = layers.get(owner(op.module, layers))
     if layer is not None:  # the kernel; the rest: packing its input, scaling its output
       convolving = op.target == "bnn_jax_xnor_conv" or not packed.native("auto")
       layer["conv_ms" if convolving else "pack_ms"] += ms
