@@ -155,8 +155,8 @@ def conv_rows(batches, repeats):
       row = {"shape": name, "batch": batch, **{f"{k}_ms": v * 1e3 for k, v in seconds.items()}}
       row["speedup"] = seconds["float"] / min(v for k, v in seconds.items() if k != "float")
       rows.append(row)
-      print(f"batch {batch:3d} {name:28s} " + "  ".join(
-          f"{k} {v * 1e3:7.2f} ms" for k, v in seconds.items()) + f"  speed-up {row['speedup']:5.2f}x")
+      times = "  ".join(f"{k} {v * 1e3:7.2f} ms" for k, v in seconds.items())
+      print(f"batch {batch:3d} {name:28s} {times}  speed-up {row['speedup']:5.2f}x")
     resnet = [r["speedup"] for r in rows if r["batch"] == batch and r["shape"].startswith("resnet")]
     summary[f"geomean_speedup_batch{batch}"] = geometric_mean(resnet)
     print(f"batch {batch}: geometric mean speed-up over the ResNet-18 shapes "
@@ -331,7 +331,8 @@ def model_rows(args):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="conv rows' batches")
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement")
   parser.add_argument("--models", nargs="+", help="model config specs, or 'all'")

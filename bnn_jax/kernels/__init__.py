@@ -1,10 +1,11 @@
 """Hand-written CPU kernels through ``jax.ffi``, built on first use with the machine's compiler.
 
 XLA cannot hold a tile of XNOR-popcount accumulators in registers, so bit-packed inference calls
-``xnor_conv.cc``'s convolution on the CPU. It is compiled once per machine (``-march=native``: AVX-512 VPOPCNTDQ
-where the CPU has it) into ``$BNN_JAX_CACHE`` (default ``~/.cache/bnn_jax``)/kernels and loaded
-with ctypes. Without a C++ compiler, or with ``BNN_JAX_NATIVE=0``, :func:`available` is False and
-bnn_jax.packed runs its pure-JAX path, which computes the same integers.
+``xnor_conv.cc``'s convolution on the CPU. It is compiled once per machine (``-march=native``:
+AVX-512 VPOPCNTDQ where the CPU has it) into ``$BNN_JAX_CACHE/kernels`` (default
+``~/.cache/bnn_jax/kernels``) and loaded with ctypes. Without a C++ compiler, or with
+``BNN_JAX_NATIVE=0``, :func:`available` is False and bnn_jax.packed runs its pure-JAX path, which
+computes the same integers.
 """
 from __future__ import annotations
 
