@@ -22,6 +22,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # XLA_FLAGS for test subprocesses that compile many programs and run each a few times: LLVM at
 # -O0 halves their compiles (the same programs; only the machine code is less tuned).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+# With XLA:CPU's elemental emitters instead of its MLIR fusion emitters too (what
+# parallel.run_once_compiler_options gives a program in-process) a third of the compile. -O0
+# code runs the quickstart's step at batch 64 about 15x slower either way: for a few small steps.
+RUN_ONCE_FLAGS = f"{FAST_COMPILE} --xla_cpu_use_fusion_emitters=false"
 
 
 @pytest.fixture(scope="session")

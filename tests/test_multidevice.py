@@ -17,15 +17,15 @@ from bnn_jax.evaluate import evaluate_checkpoint
 from bnn_jax.models import build_model
 from bnn_jax.variables import variable_kinds
 
-from conftest import FAST_COMPILE, REPO
+from conftest import REPO, RUN_ONCE_FLAGS
 from helpers import digits_config
 
 pytestmark = pytest.mark.slow
 
 
 def run(args, devices, **kwargs):
-  env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+             XLA_FLAGS=f"{RUN_ONCE_FLAGS} --xla_force_host_platform_device_count={devices}")
   result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           **kwargs)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -98,7 +98,7 @@ def test_two_processes_train_together_and_only_process_0_reports(tmp_path):
                     "--config.train.plot=False", "--config.parallel.distributed=True",
                     f"--config.parallel.coordinator_address=localhost:{free_port()}",
                     "--config.parallel.num_processes=2"]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=str(REPO))
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", XLA_FLAGS=RUN_ONCE_FLAGS, PYTHONPATH=str(REPO))
   processes = [subprocess.Popen([sys.executable, "-m", "bnn_jax.train", *flags,
                                  f"--config.parallel.process_id={i}"], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
