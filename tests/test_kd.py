@@ -1,6 +1,10 @@
 """Knowledge distillation: the losses by hand, the teacher inside the step, only_kd, the recipe runner."""
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +17,9 @@ from bnn_jax.errors import ConfigError
 from bnn_jax.experiment import Experiment
 from bnn_jax.losses import attention_map, attention_transfer, distribution_loss
 from bnn_jax.models import build_model, init_variables
-from bnn_jax.recipes import apply_override, run_recipe, stage_configs
+from bnn_jax.recipes import apply_override, stage_configs
 
+from conftest import REPO, RUN_ONCE_FLAGS
 from helpers import compiled_fast, load_config, random_state, shrink
 
 
@@ -157,23 +162,40 @@ def test_kd_without_teacher_checkpoint_is_a_clear_error():
     Experiment.from_config(config).load_teacher()
 
 
+# The recipe run twice in one process, printing both runs' {stage: metrics} as JSON.
+RECIPE_TWICE = ("import json, sys; from bnn_jax.recipes import run_recipe; print(json.dumps("
+                "[run_recipe('digits_kd', sys.argv[1], sys.argv[2:]) for _ in range(2)]))")
+
+
 @pytest.mark.slow
 def test_digits_recipe_runs_teacher_then_two_distilled_steps(tmp_path):
+  """In a subprocess with RUN_ONCE_FLAGS: its three train steps compile in a third of the time
+  (it runs 12 steps of 8 images and 6 evaluations); the rerun loads the first run's programs
+  from its compilation cache."""
   overrides = [f"{section}.{field}=8" for section in ("model", "teacher.model")
                for field in ("stem_channels", "base_channels")]
-  overrides += ["train.max_steps=4", "train.progress=False", "train.plot=False"]
-  results = run_recipe("digits_kd", str(tmp_path), overrides)
+  overrides += ["train.max_steps=4", "train.batch_size=8", "train.progress=False",
+                "train.plot=False"]
+  workdir = tmp_path / "recipe"
+  env = dict(os.environ, XLA_FLAGS=RUN_ONCE_FLAGS, PYTHONPATH=str(REPO),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  run = subprocess.run([sys.executable, "-c", RECIPE_TWICE, str(workdir), *overrides], cwd=REPO,
+                       env=env, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  results, again = json.loads(run.stdout.strip().splitlines()[-1])
   assert list(results) == ["teacher", "step1", "step2"]
   assert all(r["num_examples"] == 360 for r in results.values())
-  student = Checkpoints(str(tmp_path / "step2"), read_only=True)
+  student = Checkpoints(str(workdir / "step2"), read_only=True)
   meta = student.meta()
-  assert meta["teacher"]["checkpoint"] == str(tmp_path / "teacher")
+  assert meta["teacher"]["checkpoint"] == str(workdir / "teacher")
   assert meta["teacher"]["model"]["arch"] == "ResNet-18"
   _, saved, _ = student.saved_tree(None, None)
   assert set(saved) == {"step", "params", "batch_stats", "opt_state"}
   assert "layer1.0" in saved["params"]["backbone"] and "move1" in saved["params"]["backbone"]["layer1.0"]
   # Rerunning the recipe resumes: every stage is already finished and only evaluated.
-  again = run_recipe("digits_kd", str(tmp_path), overrides)
+  assert run.stdout.count("already finished at step 4; evaluating its last checkpoint") == 3
+  assert list(again) == ["teacher", "step1", "step2"]
   assert again["step2"]["top1"] == pytest.approx(results["step2"]["top1"])
 
 
