@@ -262,10 +262,11 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool,
   reporter.truncate_history(first_step)
   write_config(workdir, config_json(config), first_step, saved_config, reporter)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
-  reporter.log(f"{config.model.arch}: {n_params:,} parameters | {config.dataset.name}: "
-               f"{train_source.num_examples} train images, {steps_per_epoch} steps/epoch of "
-               f"{batch_size} | {jax.device_count()} {jax.devices()[0].platform} device(s) "
-               f"in {jax.process_count()} process(es), {config.parallel.mode}")
+  reporter.log(f"{config.model.arch or config.model.backbone}: {n_params:,} parameters | "
+               f"{config.dataset.name}: {train_source.num_examples} train images, "
+               f"{steps_per_epoch} steps/epoch of {batch_size} | {jax.device_count()} "
+               f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
+               f"{config.parallel.mode}")
 
   def save(at_step: int) -> None:
     if not bool(all_finite((state.params, state.batch_stats))):  # never a non-finite "last good"
