@@ -35,6 +35,25 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 RUN_ONCE_FLAGS = f"{FAST_COMPILE} --xla_cpu_use_fusion_emitters=false"
 
 
+# Most tests compile programs that they run once or a few times on small inputs: without LLVM's
+# optimisations (jax_disable_most_optimizations: -O0, the same results) those compile in about
+# half the time. Tests of the digits run keep its optimised programs (the cache holds them; they
+# run dozens of its steps), and the packed-inference and benchmark tests are left as they were.
+OPTIMISED_MODULES = ("test_packed.py", "test_benchmark.py")
+
+
+@pytest.fixture(autouse=True)
+def _compile_fast(request):
+  if "digits_run" in request.fixturenames or request.path.name in OPTIMISED_MODULES:
+    yield
+    return
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
   if not SHARED.is_dir():
